@@ -1,0 +1,269 @@
+"""
+GRPO as pure functions over tensors: group advantages, the clipped token-level loss, the k3 KL, truncated
+importance sampling, chunked log-probs, and one gradient pass over a batch of rollouts in micro-batches.
+
+For prompt q with G completions o_1..o_G, rewards r_i, and tokens o_i,t:
+
+    A_i      = (r_i - mean(r)) / (std(r) + eps)                      (Dr. GRPO: no division by std)
+    rho_i,t  = pi(o_i,t | q, o_i,<t) / pi_old(o_i,t | ...)
+    w_i,t    = min(pi_old / pi_sampler, cap)                         (truncated importance sampling, TIS)
+    l_i,t    = -w_i,t * min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + beta * k3_i,t
+    k3       = exp(ref - logp) - (ref - logp) - 1                    (ref = the base: adapter switched off)
+    loss     = agg(l) over completion tokens
+
+Choices, each marked *paper* (what "Learning to Reason in 13 Parameters" or the GRPO/DAPO/Dr. GRPO papers it
+builds on do) or *ours*:
+1. std is the sample std (Bessel's n-1), as TRL's GRPOTrainer computes it; eps = 1e-6 outside the root (*ours*:
+   the paper writes std + eps without saying which std). A group whose rewards are all equal gets A = 0.
+2. Aggregation (*paper* names): "token-mean" = sum over all tokens of the batch / their count (DAPO, our
+   default); "seq-mean" = mean over sequences of each sequence's token mean (original GRPO); "constant" =
+   sum / (N * norm) with a fixed norm, usually max_new_tokens (Dr. GRPO).
+3. Micro-batching: every micro-batch's loss is normalised by the counts of the *whole* batch (n_tokens, n_seqs),
+   so the summed gradients equal the full-batch gradient for any micro-batch size, and, under torchrun, for any
+   number of ranks when the counts are the global ones (*ours*).
+4. On-policy (one optimisation step per batch, the default): pi_old is the current policy, so old_logp is the
+   training log-prob detached; no second forward (*ours*; identical in value to the explicit computation, which
+   a test checks). rho is then exactly 1 and clipping never binds; the sampler's log-probs feed only TIS and the
+   mismatch metric.
+5. TIS multiplies the clipped term by min(exp(old_logp - sampler_logp), cap), cap = 2 (*paper*), detached.
+6. Log-probs come from the final hidden states at completion positions only, through lm_head in chunks of
+   `chunk` tokens; with more than one chunk and gradients on, each chunk is recomputed in backward
+   (checkpointed), so the (n_tokens, V) fp32 logits never exist all at once (*ours*). Logits are the head's
+   output cast to fp32 and divided by the sampling temperature, as the sampler computes them.
+7. The KL reference is the same network inside `adapter.disabled()`: one more no-grad forward, only when
+   beta > 0 (*paper*: KL 0 for GSM8K).
+
+Letters: N rows (prompts x G), P prompt columns (left-padded), T completion columns (right-padded), C hidden,
+V vocab, n selected tokens.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+AGGS = ("token-mean", "seq-mean", "constant")
+
+
+# -----------------------------------------------------------------------------
+# the algorithm, on tensors
+
+
+def group_advantages(rewards: torch.Tensor, G: int, std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """(N,) rewards, prompt-major (row i*G + g) -> (N,) advantages, normalised within each group of G."""
+    r = rewards.float().view(-1, G)  # (N/G, G)
+    adv = r - r.mean(1, keepdim=True)
+    if std:  # choice 1: sample std; all-equal groups give 0 / eps = 0
+        adv = adv / (r.std(1, keepdim=True) + eps)
+    return adv.view(-1)
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", n_tokens=None, n_seqs=None, norm=None):
+    """Reduce per-token values (N, T) to a scalar (choice 2). n_tokens / n_seqs are the counts of the whole
+    batch this micro-batch belongs to (default: this one), so micro-batch results add up (choice 3)."""
+    m = mask.float()
+    n_seqs = x.shape[0] if n_seqs is None else n_seqs
+    if agg == "token-mean":
+        n_tokens = m.sum() if n_tokens is None else n_tokens
+        return (x * m).sum() / max(float(n_tokens), 1.0)
+    if agg == "seq-mean":
+        per_seq = (x * m).sum(1) / m.sum(1).clamp(min=1)  # (N,)
+        return per_seq.sum() / n_seqs
+    if agg == "constant":
+        assert norm is not None and norm > 0, "the constant aggregation needs norm > 0 (e.g. max_new_tokens)"
+        return (x * m).sum() / (n_seqs * norm)
+    raise ValueError(f"unknown aggregation {agg!r}: choose one of {', '.join(AGGS)}")
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref) from samples of pi: exp(d) - d - 1 >= 0, d = ref - logp."""
+    d = ref_logp - logp
+    return d.exp() - d - 1
+
+
+def tis_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance weights min(pi_old / pi_sampler, cap) per token (choice 5), no gradient."""
+    return (old_logp - sampler_logp).detach().exp().clamp(max=cap)
+
+
+def policy_loss(
+    logp,
+    old_logp,
+    adv,
+    mask,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    agg: str = "token-mean",
+    weight=None,
+    ref_logp=None,
+    beta: float = 0.0,
+    n_tokens=None,
+    n_seqs=None,
+    norm=None,
+):
+    """The clipped GRPO loss. logp / old_logp / weight / ref_logp (N, T), adv (N,), mask (N, T) bool.
+    Returns (loss, stats) with stats the per-token clip indicator and k3 (detached) for logging."""
+    ratio = (logp - old_logp).exp()  # (N, T)
+    a = adv[:, None]  # (N, 1)
+    unclipped = ratio * a
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * a
+    pg = -torch.min(unclipped, clipped)  # (N, T)
+    if weight is not None:
+        pg = pg * weight
+    kl = torch.zeros_like(logp) if ref_logp is None else kl_k3(logp, ref_logp)
+    per_token = pg + beta * kl if beta else pg
+    loss = aggregate(per_token, mask, agg, n_tokens, n_seqs, norm)
+    stats = {"clipped": (clipped < unclipped).detach() & mask, "kl": kl.detach()}  # where the clip binds
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# log-probs from the model, chunked (choice 6)
+
+
+def _chunk_logp(h, W, t, temperature):
+    logits = F.linear(h, W).float() / temperature  # (n, V) fp32, only this chunk's
+    return logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(-1)  # (n,)
+
+
+def token_logprobs(model, input_ids, attention_mask, start: int, chunk: int = 4096, temperature: float = 1.0):
+    """log pi(token) for the tokens input_ids[:, start:] given everything before them.
+
+    input_ids / attention_mask (N, P+T): left-padded prompts in columns [0, start), right-padded completions in
+    [start, P+T). Returns (N, T) fp32, 0 where the mask is 0. The head runs only at the masked completion
+    positions, `chunk` tokens at a time."""
+    assert start >= 1, "every row needs at least one prompt token"
+    h = model(input_ids, attention_mask=attention_mask, hidden_only=True)  # (N, P+T, C)
+    h = h[:, start - 1 : -1]  # (N, T, C): the state at column j predicts the token at column j+1
+    mask = attention_mask[:, start:].bool()  # (N, T)
+    h_sel, t_sel = h[mask], input_ids[:, start:][mask]  # (n, C), (n,)
+    W = model.lm_head.weight
+    recompute = torch.is_grad_enabled() and h_sel.shape[0] > chunk
+    out = []
+    for i in range(0, h_sel.shape[0], chunk):
+        args = (h_sel[i : i + chunk], W, t_sel[i : i + chunk], temperature)
+        out.append(checkpoint(_chunk_logp, *args, use_reentrant=False) if recompute else _chunk_logp(*args))
+    vals = torch.cat(out) if out else h_sel.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_scatter(mask, vals)  # (N, T)
+
+
+def pack(prompts: list[list[int]], tokens: torch.Tensor, mask: torch.Tensor, pad_id: int):
+    """Rows of [left-padded prompt | right-padded completion] -> (input_ids, attention_mask, start), with the
+    completion columns trimmed to the longest completion so no compute is spent on all-pad columns."""
+    P = max(len(p) for p in prompts)
+    T = max(int(mask.sum(1).max()), 1)
+    dev = tokens.device
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=dev)
+    am = torch.zeros((len(prompts), P), dtype=torch.bool, device=dev)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long, device=dev)
+        am[i, P - len(p) :] = True
+    ids = torch.cat([ids, tokens[:, :T]], 1)  # (N, P+T)
+    am = torch.cat([am, mask[:, :T].bool()], 1)  # (N, P+T)
+    return ids, am, P
+
+
+def use_grad_checkpointing(model):
+    """Recompute each transformer block in backward instead of storing its activations (only while gradients
+    are on, so sampling is unaffected). Costs about one extra forward; pays when activations, not weights,
+    fill the memory: long completions and big micro-batches on a GPU."""
+    for layer in model.model.layers:
+
+        def run(*args, _forward=layer.forward, **kw):
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kw)
+            return _forward(*args, **kw)
+
+        layer.forward = run  # an instance attribute: the state_dict keys do not change
+
+
+# -----------------------------------------------------------------------------
+# one gradient pass over a batch, in micro-batches
+
+
+def old_logprobs(model, prompts, tokens, mask, *, pad_id, micro_batch, chunk=4096, temperature=1.0):
+    """pi_old on the batch, no gradient: needed only when a batch is used for more than one update."""
+    out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    with torch.no_grad():
+        for s in range(0, len(prompts), micro_batch):
+            sl = slice(s, s + micro_batch)
+            ids, am, P = pack(prompts[sl], tokens[sl], mask[sl], pad_id)
+            lp = token_logprobs(model, ids, am, P, chunk, temperature)
+            out[sl, : lp.shape[1]] = lp
+    return out
+
+
+def grpo_backward(
+    model,
+    adapter,
+    prompts,
+    tokens,
+    mask,
+    adv,
+    sampler_logp,
+    *,
+    pad_id: int,
+    micro_batch: int,
+    old_logp=None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    agg: str = "token-mean",
+    norm=None,
+    beta: float = 0.0,
+    tis_cap: float | None = 2.0,
+    temperature: float = 1.0,
+    chunk: int = 4096,
+    n_tokens=None,
+    n_seqs=None,
+) -> dict:
+    """Accumulate d(loss)/d(params) into .grad over micro-batches of rows (choice 3). Rows are whole
+    rollouts: prompts (list of N id lists), tokens / mask / sampler_logp (N, T), adv (N,). old_logp None means
+    on-policy (choice 4). n_tokens / n_seqs default to this batch's counts; pass the global ones under torchrun.
+    Returns sums (not means) of the logged quantities, so ranks and micro-batches can be added up."""
+    mask = mask.bool()
+    n_tokens = int(mask.sum()) if n_tokens is None else n_tokens
+    n_seqs = len(prompts) if n_seqs is None else n_seqs
+    m = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "kl": 0.0, "w_sum": 0.0, "w_min": float("inf"), "w_max": 0.0}
+    m |= {"mismatch_sum": 0.0, "mismatch_max": 0.0}
+    for s in range(0, len(prompts), micro_batch):
+        sl = slice(s, s + micro_batch)
+        ids, am, P = pack(prompts[sl], tokens[sl], mask[sl], pad_id)
+        T = ids.shape[1] - P
+        mk, s_lp = mask[sl, :T], sampler_logp[sl, :T]  # (n, T)
+        ref = None
+        if beta:  # choice 7: the base is the same weights with the adapter off
+            with torch.no_grad(), adapter.disabled():
+                ref = token_logprobs(model, ids, am, P, chunk, temperature)
+        logp = token_logprobs(model, ids, am, P, chunk, temperature)  # (n, T) with grad
+        old = logp.detach() if old_logp is None else old_logp[sl, :T]
+        w = tis_weights(old, s_lp, tis_cap) if tis_cap else None
+        loss, st = policy_loss(logp, old, adv[sl], mk, eps_low, eps_high, agg, w, ref, beta, n_tokens, n_seqs, norm)
+        loss.backward()
+        # logging: sums over this micro-batch's real tokens
+        diff = (old - s_lp).abs()[mk]
+        wt = (old - s_lp).exp().clamp(max=tis_cap)[mk] if tis_cap else torch.ones_like(diff)
+        m["loss"] += loss.item()
+        m["tokens"] += float(mk.sum())
+        m["clipped"] += float(st["clipped"].sum())
+        m["kl"] += float(st["kl"][mk].sum())
+        m["mismatch_sum"] += float(diff.sum())
+        if diff.numel():
+            m["mismatch_max"] = max(m["mismatch_max"], float(diff.max()))
+            m["w_sum"] += float(wt.sum())
+            m["w_min"], m["w_max"] = min(m["w_min"], float(wt.min())), max(m["w_max"], float(wt.max()))
+    return m
+
+
+def sft_backward(model, prompts, tokens, mask, *, pad_id: int, micro_batch: int, chunk: int = 4096, n_tokens=None):
+    """The paper's SFT comparison: token-mean negative log-likelihood of reference completions, accumulated into
+    .grad over micro-batches. Returns the summed loss."""
+    mask = mask.bool()
+    n_tokens = int(mask.sum()) if n_tokens is None else n_tokens
+    total = 0.0
+    for s in range(0, len(prompts), micro_batch):
+        sl = slice(s, s + micro_batch)
+        ids, am, P = pack(prompts[sl], tokens[sl], mask[sl], pad_id)
+        logp = token_logprobs(model, ids, am, P, chunk)  # (n, T)
+        loss = -aggregate(logp, mask[sl, : logp.shape[1]], "token-mean", n_tokens)
+        loss.backward()
+        total += loss.item()
+    return total
