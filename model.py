@@ -35,6 +35,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 
 import torch
 import torch.nn as nn
@@ -158,7 +159,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(C, H * D, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(H * D, C, bias=False)
+        # Qwen2 biases q/k/v only; Llama's and Qwen3's attention_bias covers o_proj too (*ref*)
+        self.o_proj = nn.Linear(H * D, C, bias=cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
@@ -370,7 +372,10 @@ class Tokenizer:
         tc_path = os.path.join(path, "tokenizer_config.json")
         tc = json.load(open(tc_path)) if os.path.exists(tc_path) else {}
         special = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731 (str or AddedToken dict)
-        self.bos_token, self.eos_token = special(tc.get("bos_token")), special(tc.get("eos_token"))
+        # the special tokens a template may name ({{ bos_token }}, ...), as transformers passes them
+        names = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+        self.special_tokens = {n: special(tc[n]) for n in names if tc.get(n) is not None}
+        self.bos_token, self.eos_token = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
         template = tc.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -403,13 +408,12 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
-        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+        # the helpers transformers gives templates: JSON without HTML escaping, today's date (Llama 3.1), errors
+        env.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(x, ensure_ascii=ensure_ascii, **kw)
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         return env.from_string(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
+            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
         )
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

@@ -36,15 +36,34 @@ QWEN_TEMPLATE = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+# Qwen2/2.5/3's pre-tokenizer split (digits one by one), as in their tokenizer.json and transformers' Qwen2Tokenizer
+QWEN_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
 def build_tokenizer(path: Path, vocab_size: int = 384):
-    """A small byte-level BPE with Qwen's special tokens and chat template, trained on arithmetic-ish text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A small byte-level BPE shaped like Qwen's (NFC, Qwen's split, special tokens, chat template), trained on
+    arithmetic-ish text. transformers v5 rebuilds Qwen tokenizers with Qwen's own pipeline whatever tokenizer.json
+    says, so the file must carry that pipeline for `model.Tokenizer` and transformers to agree."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    split = pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     corpus = [f"What is {a} plus {b}? The answer is {a + b}. #### {a + b}" for a in range(40) for b in range(40)]
     corpus += ["You are a helpful assistant. Let's think step by step and output the final answer after ####."]
+    corpus += [  # enough distinct words for vocab_size merges now that digits stay single
+        "Natalia sold clips to her friends in April, and then she sold half as many clips in May.",
+        "How many apples does each student get if the teacher shares them equally between the children?",
+        "A train leaves the station at noon and travels east; how far has it gone by evening?",
+        "system\nuser\nassistant\n",
+    ]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIALS,
