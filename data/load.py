@@ -1,0 +1,247 @@
+"""
+Datasets: GSM8K, the SimpleRL MATH training set and the MATH evaluation suite, from the Hub or a local file.
+
+    load_dataset("gsm8k", split="test")                        # the Hub (openai/gsm8k, config main), parquet
+    load_dataset("math500", path="../shared/data/math500/test.jsonl")   # a named set from a local file
+    load_dataset("my_rows.jsonl")                              # any local .jsonl / .json / .parquet file
+
+Every example is a dict: id, dataset, split, question, gold (a string), grader ("gsm8k" | "math"), style (the
+prompt style, see data/prompts.py).
+
+Choices, each marked *ref* (what the dataset's own evaluation does) or *ours*:
+1. GSM8K gold = the number after the last `####` of `answer`, commas removed (*ref*).
+2. Each MATH-style set has its own gold rule (*ref*, see ../shared/data/README.md): MATH500 / SimpleRL use `answer`;
+   Minerva has no answer field, so the gold is the last \\boxed{} of `solution`; OlympiadBench's `final_answer` is a
+   list with one string of `$...$` parts, so the gold is that string without the `$` ("$69$,$84$" -> "69,84");
+   AIME answers keep their leading zeros ("025") and AMC answers are floats (27.0 -> "27") -- the grader compares
+   plain numbers as numbers.
+3. Field names differ between mirrors of the same set (*ours*): the question is the first of `problem`, `question`;
+   the gold the first of `answer`, `final_answer`, `gt_answer`, `ground_truth`, else the last \\boxed{} of
+   `solution`. The Hub ids below could not be checked from this offline machine except openai/gsm8k and
+   HuggingFaceH4/MATH-500; if one moved, download the file yourself and pass it with --data.
+4. Every row is checked when loading (*ours*): a malformed line (with its line number), a row without a question or
+   a gold, an unknown name are a ValueError before any model loads. Downloads fail fast when offline
+   (HF_HUB_OFFLINE is respected, and an unreachable Hub is detected with one short connection attempt instead of
+   huggingface_hub's retries).
+5. `limit` keeps the first N rows in file order, so a limited run is a prefix of the full run (*ours*).
+"""
+
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from data.grade import extract_boxed, to_number
+
+
+@dataclass(frozen=True)
+class Source:
+    repo: str  # Hub dataset id
+    files: dict  # split -> file inside the repo
+    grader: str  # "gsm8k" | "math"
+    style: str  # default prompt style (data/prompts.py)
+
+
+DATASETS = {
+    "gsm8k": Source(
+        "openai/gsm8k",
+        {"train": "main/train-00000-of-00001.parquet", "test": "main/test-00000-of-00001.parquet"},
+        "gsm8k",
+        "gsm8k",
+    ),
+    "math_train": Source(  # MATH levels 3-5, SimpleRL-Zoo's "hard" training set
+        "hkust-nlp/SimpleRL-Zoo-Data", {"train": "simplelr_qwen_level3to5/train.parquet"}, "math", "boxed"
+    ),
+    "math500": Source("HuggingFaceH4/MATH-500", {"test": "test.jsonl"}, "math", "boxed"),
+    "minerva_math": Source("math-ai/minervamath", {"test": "test.jsonl"}, "math", "boxed"),
+    "olympiadbench": Source("math-ai/olympiadbench", {"test": "test.jsonl"}, "math", "boxed"),
+    "aime24": Source("math-ai/aime24", {"test": "test-00000-of-00001.parquet"}, "math", "boxed"),
+    "amc23": Source("math-ai/amc23", {"test": "test-00000-of-00001.parquet"}, "math", "boxed"),
+}
+QUESTION_FIELDS = ("problem", "question")
+GOLD_FIELDS = ("answer", "final_answer", "gt_answer", "ground_truth")
+EXTENSIONS = (".jsonl", ".json", ".parquet")
+
+
+# -----------------------------------------------------------------------------
+# reading files
+
+
+def read_rows(path: str) -> list[tuple[int, dict]]:
+    """(line number or row number, row dict) for each row of a .jsonl / .json / .parquet file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} does not exist: pass an existing .jsonl, .json or .parquet file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from None
+        return list(enumerate(rows, 1))
+    if ext == ".json":
+        try:
+            rows = json.load(open(path, encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {e.lineno} is not valid JSON: {e.msg}") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path} must hold a JSON list of objects (one per example), not a {type(rows).__name__}")
+        return list(enumerate(rows, 1))
+    if ext == ".jsonl":
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue  # blank lines (a trailing newline) are not rows
+                try:
+                    out.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}): {line[:80]!r}") from None
+        return out
+    raise ValueError(f"data file {path!r} has an unknown extension: expected one of {', '.join(EXTENSIONS)}")
+
+
+def hub_file(name: str, split: str) -> str:
+    """Download (or find in the local cache) the file of `name`/`split`; fail fast and helpfully when offline."""
+    from huggingface_hub import hf_hub_download
+
+    src = DATASETS[name]
+    fname = src.files[split]
+    try:  # the cache first: works offline and costs no request
+        return hf_hub_download(src.repo, fname, repo_type="dataset", local_files_only=True)
+    except Exception:
+        pass
+    how = (
+        f"Download it elsewhere (hf download {src.repo} {fname} --repo-type dataset) and pass the file with "
+        f"--data PATH (e.g. ../shared/data/{name}/{split}.jsonl)."
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise SystemExit(f"HF_HUB_OFFLINE is set and {src.repo}/{fname} is not in the local cache. {how}")
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:  # one short connection attempt instead of huggingface_hub's ~25 s of retries
+        socket.create_connection((host.hostname, host.port or 443), timeout=5).close()
+    except OSError as e:
+        raise SystemExit(
+            f"cannot reach the Hugging Face Hub ({host.hostname}: {e}) to fetch {src.repo}. {how}"
+        ) from None
+    try:
+        return hf_hub_download(src.repo, fname, repo_type="dataset")
+    except Exception as e:
+        raise SystemExit(f"could not download {src.repo}/{fname} ({type(e).__name__}: {e}). {how}") from None
+
+
+# -----------------------------------------------------------------------------
+# gold answers (choice 2)
+
+
+def gsm8k_gold(row: dict) -> str | None:
+    answer = row.get("answer")
+    if not isinstance(answer, str) or "####" not in answer:
+        return None
+    n = to_number(answer.rsplit("####", 1)[1])
+    if n is None:
+        return None
+    return str(n.numerator) if n.denominator == 1 else str(float(n))
+
+
+def math_gold(row: dict) -> str | None:
+    for k in GOLD_FIELDS:
+        v = row.get(k)
+        if isinstance(v, list):  # OlympiadBench: ["$69$,$84$"]
+            v = v[0] if len(v) == 1 else ",".join(map(str, v))
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, float):  # AMC: 27.0 -> "27"
+            v = str(int(v)) if v.is_integer() else repr(v)
+        v = str(v).replace("$", "").strip()
+        if v:
+            return v
+    solution = row.get("solution")
+    if isinstance(solution, list):  # OlympiadBench keeps a list of solutions
+        solution = solution[-1] if solution else None
+    return extract_boxed(solution) if isinstance(solution, str) else None
+
+
+def looks_like_gsm8k(rows) -> bool:
+    return bool(rows) and all(isinstance(r, dict) and "####" in str(r.get("answer", "")) for _, r in rows[:20])
+
+
+# -----------------------------------------------------------------------------
+# the public loader
+
+
+def check_limit(limit):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+
+
+def resolve(name_or_path: str, split: str, path: str | None) -> tuple[str | None, str]:
+    """(dataset name or None, local file) for a name, a name + path, a file, or a folder holding {split}.jsonl."""
+    name = name_or_path if name_or_path in DATASETS else None
+    if name is None and path is None:
+        path = name_or_path
+        if not os.path.exists(path):
+            raise ValueError(
+                f"unknown dataset {name_or_path!r}: use one of {', '.join(DATASETS)} or a path to a "
+                f".jsonl/.json/.parquet file"
+            )
+    if name is not None and path is None:
+        if split not in DATASETS[name].files:
+            raise ValueError(f"dataset {name!r} has no split {split!r}: it has {', '.join(DATASETS[name].files)}")
+        return name, hub_file(name, split)
+    if os.path.isdir(path):  # a folder like ../shared/data/gsm8k: take {split}.jsonl / .parquet inside it
+        for ext in EXTENSIONS:
+            if os.path.isfile(os.path.join(path, split + ext)):
+                return name, os.path.join(path, split + ext)
+        raise ValueError(f"folder {path!r} has no {split}.jsonl, {split}.json or {split}.parquet")
+    return name, path
+
+
+def load_dataset(name_or_path: str, split: str = "test", limit: int | None = None, path: str | None = None) -> list:
+    """The examples of a named dataset (from the Hub, or from `path`) or of a local file, checked row by row."""
+    check_limit(limit)
+    name, file = resolve(name_or_path, split, path)
+    rows = read_rows(file)
+    if name is not None:
+        grader, style = DATASETS[name].grader, DATASETS[name].style
+    else:  # an unnamed file: GSM8K if its answers carry `####`, else MATH-style
+        grader = "gsm8k" if looks_like_gsm8k(rows) else "math"
+        style = "gsm8k" if grader == "gsm8k" else "boxed"
+        stem = os.path.splitext(os.path.basename(file))[0]  # ../shared/data/math500/test.jsonl -> "math500"
+        name = os.path.basename(os.path.dirname(os.path.abspath(file))) if stem in ("train", "test") else stem
+    examples, skipped = [], []
+    for n, row in rows:
+        where = f"{file} row {n}" if file.endswith(".parquet") else f"{file} line {n}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} is a {type(row).__name__}, not an object with a question and an answer")
+        question = next((row[k] for k in QUESTION_FIELDS if isinstance(row.get(k), str) and row[k].strip()), None)
+        gold = gsm8k_gold(row) if grader == "gsm8k" else math_gold(row)
+        if question is not None and gold is None and grader == "math" and any(k in row for k in GOLD_FIELDS):
+            skipped.append(n)  # an answer field that is empty (2 rows of MATH train): nothing to grade against
+            continue
+        if question is None or gold is None:
+            need = (
+                "'question' and an 'answer' ending in '#### N'"
+                if grader == "gsm8k"
+                else f"one of {QUESTION_FIELDS} and one of {GOLD_FIELDS} (or a 'solution' with a \\boxed{{}} answer)"
+            )
+            raise ValueError(f"{where} has fields {sorted(row)}; a {name} row needs {need}")
+        examples.append(
+            dict(
+                id=f"{name}-{split}-{len(examples)}",
+                dataset=name,
+                split=split,
+                question=question,
+                gold=gold,
+                grader=grader,
+                style=style,
+            )
+        )
+    if skipped:
+        print(f"{file}: skipped {len(skipped)} rows with an empty answer (lines {skipped[:10]})", file=sys.stderr)
+    if not examples:
+        raise ValueError(f"{file} holds no examples")
+    return examples[:limit] if limit is not None else examples
