@@ -1,0 +1,290 @@
+"""
+sample.py against independent references: full-sequence forwards without a cache, transformers' logits warpers and
+greedy `generate`, hand-computed distributions. Run: `python -m pytest -q tests/test_sample.py`.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sample
+from model import load_model
+
+PROMPTS = [[5, 6, 7, 8, 9, 30, 31], [10, 11], [12, 13, 14, 15, 16], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]]
+
+
+@pytest.fixture(scope="module")
+def qwen2(make_checkpoint):
+    return load_model(str(make_checkpoint("qwen2")), device="cpu")  # q/k/v biases; untied head
+
+
+@pytest.fixture(scope="module")
+def llama(make_checkpoint):
+    return load_model(str(make_checkpoint("llama", tied=True)), device="cpu")
+
+
+def full_logprobs(model, prompt, completion):
+    """Log-softmax (len(completion), V) at each completion position, from one forward of the unpadded sequence."""
+    ids = torch.tensor([list(prompt) + list(completion)])
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt) - 1 : -1]  # the positions that predict the completion
+    return logits.float().log_softmax(-1)
+
+
+def gen(model, prompts=PROMPTS, seed=0, **kw):
+    return sample.generate(model, prompts, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+# -----------------------------------------------------------------------------
+# decoding through the cache == full forwards
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_greedy_equals_argmax_of_full_forwards(family, request):
+    model = request.getfixturevalue(family)
+    out = sample.generate(model, PROMPTS, max_new_tokens=12, temperature=0)
+    assert out.tokens.shape == (len(PROMPTS), 12) and out.mask.all() and out.finish == ["length"] * len(PROMPTS)
+    for i, p in enumerate(PROMPTS):
+        seq = list(p)
+        for t in range(12):  # token by token, each from a fresh full forward of the unpadded row
+            with torch.no_grad():
+                logp = model(torch.tensor([seq]))[0, -1].float().log_softmax(-1)
+            nxt = int(logp.argmax())
+            assert int(out.tokens[i, t]) == nxt, f"row {i} step {t}"
+            assert abs(float(out.logp[i, t]) - float(logp[nxt])) < 1e-5  # greedy logp: plain log-softmax
+            seq.append(nxt)
+
+
+def test_sampled_logp_equals_full_forward_log_softmax(qwen2):
+    out = gen(qwen2, max_new_tokens=16, temperature=1.0)
+    for i, p in enumerate(PROMPTS):
+        ref = full_logprobs(qwen2, p, out.tokens[i].tolist())  # (T, V)
+        got = ref.gather(-1, out.tokens[i, :, None])[:, 0]
+        torch.testing.assert_close(out.logp[i], got, atol=1e-5, rtol=0)
+
+
+def test_logp_is_under_the_tempered_truncated_distribution(qwen2):
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    temperature, top_k, top_p = 0.7, 20, 0.8
+    out = gen(qwen2, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p)
+    warpers = [TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)]
+    for i, p in enumerate(PROMPTS):
+        ids = torch.tensor([p + out.tokens[i].tolist()])
+        with torch.no_grad():
+            logits = qwen2(ids)[0, len(p) - 1 : -1].float()  # (T, V)
+        for w in warpers:  # transformers' own temperature -> top-k -> top-p, as its generate applies them
+            logits = w(None, logits)
+        ref = logits.log_softmax(-1).gather(-1, out.tokens[i, :, None])[:, 0]
+        assert torch.isfinite(ref).all(), "sampled a token the reference filter removes"
+        torch.testing.assert_close(out.logp[i], ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_greedy_matches_transformers_on_smollm2(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    from model import Tokenizer
+
+    ours, tok = load_model(str(smollm2), device="cpu"), Tokenizer(str(smollm2))
+    ref = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    questions = ["What is 7 times 8?", "Name a primary colour."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    out = sample.generate(ours, prompts, max_new_tokens=24, temperature=0, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            hf = ref.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=tok.stop_ids)
+        n = int(out.mask[i].sum())
+        assert out.tokens[i, :n].tolist() == hf[0, len(p) :].tolist()
+
+
+# -----------------------------------------------------------------------------
+# filtering and drawing on crafted logits
+
+
+def test_filter_semantics_on_crafted_logits():
+    p = torch.tensor([[0.1, 0.5, 0.05, 0.25, 0.1]])  # sorted: 0.5 (id 1), 0.25 (id 3), 0.1, 0.1, 0.05 (id 2)
+    logits = p.log()
+    z, ids = sample.filter_logits(logits, top_k=2)  # top-k keeps the two largest, in descending order
+    assert ids.tolist() == [[1, 3]]
+    torch.testing.assert_close(z.softmax(-1), torch.tensor([[0.5, 0.25]]) / 0.75)
+    z, ids = sample.filter_logits(logits, top_p=0.7)  # 0.5 < 0.7 so id 3 joins; mass 0.75 >= 0.7 stops there
+    torch.testing.assert_close(z.softmax(-1)[0, :2], torch.tensor([2 / 3, 1 / 3]))
+    assert ids[0, :2].tolist() == [1, 3] and torch.isinf(z[0, 2:]).all()
+    z, ids = sample.filter_logits(logits, top_p=0.4)  # the first candidate always survives
+    assert torch.isfinite(z).sum() == 1 and ids[0, 0] == 1
+    z, ids = sample.filter_logits(logits, top_k=4, top_p=0.8)  # top-p over the 4 survivors: 0.5/.95, .25/.95 ...
+    assert torch.isfinite(z).sum() == 3  # renormalised over 4: 0.526, 0.263 (0.789 < 0.8), 0.105 -> 0.895
+    z, ids = sample.filter_logits(logits, temperature=2.0)  # p^(1/2), renormalised
+    ref = p.sqrt() / p.sqrt().sum()
+    assert ids is None
+    torch.testing.assert_close(z.softmax(-1), ref)
+
+
+def test_gumbel_draw_has_the_filtered_frequencies():
+    p = torch.tensor([0.1, 0.5, 0.05, 0.25, 0.1])
+    logits = p.log().expand(40000, 5)
+    g = torch.Generator().manual_seed(0)
+    tok, logp = sample.sample_next(logits, temperature=1.0, top_k=3, generator=g)
+    target = torch.tensor([0.1, 0.5, 0.0, 0.25, 0.0]) / 0.85  # ids 0 and 4 tie at 0.1: topk keeps the lower id
+    freq = torch.bincount(tok, minlength=5).float() / len(tok)
+    assert freq[2] == 0 and freq[4] == 0
+    assert (freq - target).abs().max() < 4 * math.sqrt(0.25 / len(tok))  # 4 sigma of a binomial
+    torch.testing.assert_close(logp, target.log()[tok])  # logp under the truncated distribution
+
+
+# -----------------------------------------------------------------------------
+# stop ids, seeds, G fan-out, argument checks
+
+
+def test_stop_ids_end_a_row_and_it_stays_finished(qwen2):
+    free = sample.generate(qwen2, PROMPTS, max_new_tokens=12, temperature=0)  # no stop ids: the reference run
+    stop = int(free.tokens[1, 3])  # row 1 emits this at step 3 (or earlier): make it a stop id
+    out = sample.generate(qwen2, PROMPTS, max_new_tokens=12, temperature=0, stop_ids=[stop], pad_id=0)
+    for i in range(len(PROMPTS)):
+        hits = (free.tokens[i] == stop).nonzero()
+        n = int(hits[0]) + 1 if len(hits) else 12  # the stop token itself is part of the completion
+        assert out.mask[i].tolist() == [True] * n + [False] * (out.tokens.shape[1] - n)
+        assert out.tokens[i, :n].tolist() == free.tokens[i, :n].tolist()
+        assert (out.tokens[i, n:] == 0).all() and (out.logp[i, n:] == 0).all()
+        assert out.finish[i] == ("stop" if len(hits) else "length")
+    # sampling: the mask never turns back on after a stop, and a stop token ends every finished row
+    ids = list(range(40, 200))  # many stop ids so most rows stop early
+    out = gen(qwen2, G=3, max_new_tokens=20, temperature=1.0, stop_ids=ids, pad_id=0)
+    n = out.mask.sum(1)
+    assert (out.mask == (torch.arange(out.mask.shape[1]) < n[:, None])).all()
+    for i, f in enumerate(out.finish):
+        assert (f == "stop") == (int(out.tokens[i, n[i] - 1]) in ids)
+
+
+def test_early_exit_when_every_row_is_done(qwen2):
+    out = gen(qwen2, max_new_tokens=50, temperature=1.0, stop_ids=list(range(384)))  # every token stops
+    assert out.tokens.shape[1] == 1 and out.finish == ["stop"] * len(PROMPTS)
+
+
+def test_same_seed_same_samples_other_seed_differs(qwen2):
+    a, b, c = (gen(qwen2, seed=s, G=2, max_new_tokens=12) for s in (0, 0, 1))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logp, b.logp)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_group_fanout_equals_sampling_each_copy_separately(qwen2):
+    G = 3
+    fan = sample.generate(qwen2, PROMPTS, G=G, max_new_tokens=10, temperature=0)
+    copies = [p for p in PROMPTS for _ in range(G)]  # the same rows, each prefilled on its own
+    sep = sample.generate(qwen2, copies, G=1, max_new_tokens=10, temperature=0)
+    assert fan.prompts == copies
+    assert torch.equal(fan.tokens, sep.tokens)
+    torch.testing.assert_close(fan.logp, sep.logp, atol=1e-5, rtol=0)
+    # sampling: same rows, same noise -> the same draws
+    fan, sep = gen(qwen2, G=G, max_new_tokens=10), gen(qwen2, prompts=copies, max_new_tokens=10)
+    assert torch.equal(fan.tokens, sep.tokens)
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(prompts=[]), "non-empty"),
+        (dict(prompts=[[1, 2], []]), "non-empty"),
+        (dict(prompts=[[1, 10**6]]), "vocabulary"),
+        (dict(G=0), "at least 1"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(mode="fast"), "mode"),
+    ],
+)
+def test_bad_arguments_raise_a_clear_error(qwen2, kw, msg):
+    kw = {"prompts": [[1, 2, 3]], **kw}
+    with pytest.raises(ValueError, match=msg):
+        sample.generate(qwen2, kw.pop("prompts"), max_new_tokens=4, **kw)
+
+
+def test_triton_mode_without_gpu_or_interpreter_is_refused(qwen2, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA|triton"):
+        sample.generate(qwen2, [[1, 2, 3]], max_new_tokens=4, mode="triton")
+
+
+# -----------------------------------------------------------------------------
+# sampler vs trainer with an adapter attached
+
+
+class StandInAdapter(nn.Module):
+    """A rank-r adapter following tinylora.py's contract (weight, bias, enabled, lowrank(), forward)."""
+
+    def __init__(self, lin: nn.Linear, r: int, gen: torch.Generator):
+        super().__init__()
+        self.weight, self.bias, self.enabled = lin.weight, lin.bias, True
+        U, S, Vh = torch.linalg.svd(lin.weight.detach().float(), full_matrices=False)
+        self.U, self.V = U[:, :r], Vh[:r].T  # (d_out, r), (d_in, r)
+        self.M = torch.diag(S[:r]) @ (0.05 * torch.randn(r, r, generator=gen))  # (r, r): ΔW = U M Vᵀ
+
+    def lowrank(self):
+        return self.U, self.M, self.V
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        return y + (((x.float() @ self.V) @ self.M.T) @ self.U.T).to(y.dtype)
+
+
+def attach_stand_in(model, r=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, "qkvo"), (layer.mlp, ("gate", "up", "down"))):
+            for n in names:
+                name = f"{n}_proj"
+                setattr(parent, name, StandInAdapter(getattr(parent, name), r, gen))
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapted(make_checkpoint):
+    return attach_stand_in(load_model(str(make_checkpoint("qwen2", seed=1)), device="cpu"))
+
+
+def trainer_logp(model, out):
+    """The training forward's log-probs of the sampled tokens: the adapter modules' own forward, full sequences."""
+    rows = []
+    for i, p in enumerate(out.prompts):
+        n = int(out.mask[i].sum())
+        lp = full_logprobs(model, p, out.tokens[i, :n].tolist())  # (n, V)
+        rows.append(lp.gather(-1, out.tokens[i, :n, None])[:, 0])
+    return torch.cat(rows)
+
+
+def test_sampler_logp_equals_trainer_logp_with_an_adapter(adapted):
+    base = sample.generate(adapted, PROMPTS, max_new_tokens=1, temperature=0)
+    for m in adapted.modules():
+        if isinstance(m, StandInAdapter):
+            m.enabled = False
+    off = sample.generate(adapted, PROMPTS, max_new_tokens=1, temperature=0)
+    for m in adapted.modules():
+        if isinstance(m, StandInAdapter):
+            m.enabled = True
+    assert not torch.allclose(base.logp, off.logp), "the adapter must change the model for this test to bite"
+    out = gen(adapted, G=2, max_new_tokens=16, temperature=1.0)
+    ref = trainer_logp(adapted, out)
+    fused = out.logp[out.mask]
+    assert (fused - ref).abs().max() <= 1e-5
+    merged = gen(adapted, G=2, max_new_tokens=16, temperature=1.0, mode="merged")  # bf16-rounded merged weights
+    assert (merged.logp[merged.mask] - trainer_logp(adapted, merged)).abs().max() > 1e-3  # the mismatch it shows
+
+
+def test_disabled_adapter_samples_the_base_model(adapted, make_checkpoint):
+    plain = load_model(str(make_checkpoint("qwen2", seed=1)), device="cpu")
+    for m in adapted.modules():
+        if isinstance(m, StandInAdapter):
+            m.enabled = False
+    try:
+        a = gen(adapted, max_new_tokens=8)
+    finally:
+        for m in adapted.modules():
+            if isinstance(m, StandInAdapter):
+                m.enabled = True
+    b = gen(plain, max_new_tokens=8)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logp, b.logp)
