@@ -12,7 +12,7 @@ false positives of math-verify that it guards against.
 """
 
 from data.grade import KINDS, extract_boxed, extract_flexible, extract_strict, grade, grade_many, reward
-from data.load import DATASETS, load_dataset
+from data.load import DATASETS, load_dataset, reference_solution
 from data.prompts import STYLES, build_messages
 
 __all__ = [
@@ -26,5 +26,6 @@ __all__ = [
     "grade",
     "grade_many",
     "load_dataset",
+    "reference_solution",
     "reward",
 ]

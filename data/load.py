@@ -6,7 +6,7 @@ Datasets: GSM8K, the SimpleRL MATH training set and the MATH evaluation suite, f
     load_dataset("my_rows.jsonl")                              # any local .jsonl / .json / .parquet file
 
 Every example is a dict: id, dataset, split, question, gold (a string), grader ("gsm8k" | "math"), style (the
-prompt style, see data/prompts.py).
+prompt style, see data/prompts.py), solution (the reference solution or None; `reference_solution(ex)`).
 
 Choices, each marked *ref* (what the dataset's own evaluation does) or *ours*:
 1. GSM8K gold = the number after the last `####` of `answer`, commas removed (*ref*).
@@ -28,6 +28,7 @@ Choices, each marked *ref* (what the dataset's own evaluation does) or *ours*:
 
 import json
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -165,6 +166,24 @@ def math_gold(row: dict) -> str | None:
     return extract_boxed(solution) if isinstance(solution, str) else None
 
 
+def solution_text(row: dict, grader: str) -> str | None:
+    """The reference solution (for SFT baselines): GSM8K's answer without its <<48/2=24>> calculator notes,
+    or MATH's `solution`; None when the row has none."""
+    if grader == "gsm8k":
+        return re.sub(r"<<[^<>]*>>", "", row["answer"])
+    sol = row.get("solution")
+    if isinstance(sol, list):
+        sol = sol[0] if sol else None
+    return sol if isinstance(sol, str) and sol.strip() else None
+
+
+def reference_solution(example: dict) -> str:
+    """The example's worked solution, ending in its answer in the format its prompt style asks for."""
+    if not example.get("solution"):
+        raise ValueError(f"example {example.get('id')} has no reference solution (its file has no solution field)")
+    return example["solution"]
+
+
 def looks_like_gsm8k(rows) -> bool:
     return bool(rows) and all(isinstance(r, dict) and "####" in str(r.get("answer", "")) for _, r in rows[:20])
 
@@ -238,6 +257,7 @@ def load_dataset(name_or_path: str, split: str = "test", limit: int | None = Non
                 gold=gold,
                 grader=grader,
                 style=style,
+                solution=solution_text(row, grader),
             )
         )
     if skipped:
