@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from data.grade import extract_boxed, to_number
+from data.graders import extract_boxed, to_number
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """
 A child process that answers math-verify questions: reads JSON lines [gold, pred], writes `true` / `false`.
 
-data/grade.py starts it and kills it when one answer takes longer than its time limit, which is why math-verify's
+data/graders.py starts it and kills it when one answer takes longer than its time limit, which is why math-verify's
 own signal-based timeouts are off here (they only work in a main thread; a process can always be killed).
 Run by path (`python data/verify_worker.py`), so it imports nothing from the project.
 """

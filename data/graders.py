@@ -70,6 +70,7 @@ MINUS = "-\u2212"  # ASCII hyphen-minus and the unicode minus sign
 NUMBER = rf"[{MINUS}]?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?"
 STRICT_RE = re.compile(rf"####[ \t]*(?:\\\(|\\\$|\$|\*\*|\\boxed\{{)*[ \t]*({NUMBER})")
 FLEXIBLE_RE = re.compile(rf"(?<![\w)\d.])({NUMBER})")  # a sign after a digit/letter/")" is an operator, not a sign
+MAX_DIGITS = 1000  # longer "numbers" are junk (and Python refuses int() past 4300 digits): never equal to a gold
 PLAIN_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")  # the fast path of the MATH grader
 
 
@@ -79,7 +80,7 @@ def to_number(text) -> Fraction | None:
         return None
     s = str(text).strip().replace("\u2212", "-").replace(",", "").replace("\\$", "").replace("$", "")
     s = s.replace("\\!", "").replace("{", "").replace("}", "").strip().rstrip(".").strip()
-    if not re.fullmatch(r"-?\d+(?:\.\d+)?", s):
+    if len(s) > MAX_DIGITS or not re.fullmatch(r"-?\d+(?:\.\d+)?", s):
         return None
     return Fraction(s)
 
@@ -242,7 +243,7 @@ def math_equal(gold: str, pred: str) -> bool:
     if not gold or not pred:
         return False
     if PLAIN_NUMBER_RE.fullmatch(gold) and PLAIN_NUMBER_RE.fullmatch(pred):  # fast path: exact rationals
-        return Fraction(gold) == Fraction(pred)
+        return to_number(gold) is not None and to_number(gold) == to_number(pred)
     if gold == pred:
         return True
     gold, pred = latex_number(gold), latex_number(pred)
