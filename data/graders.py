@@ -58,6 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from functools import lru_cache
 
+STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded machine
 VERIFY_TIMEOUT_S = 5.0  # per math-verify comparison (math-verify's own default is 5 s per call)
 MAX_WORKERS = min(8, os.cpu_count() or 1)  # parallel math-verify children for grade_many
 KINDS = ("strict", "flexible")
@@ -156,6 +157,16 @@ class VerifyWorker:
         )
         self.replies = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()  # a reader thread lets us wait with a timeout
+        try:  # a child that cannot start would silently score every MATH answer 0: fail loudly instead
+            ready = self.replies.get(timeout=STARTUP_TIMEOUT_S)
+        except queue.Empty:
+            ready = None
+        if ready != "ready\n":
+            self.kill()
+            raise RuntimeError(
+                f"the math-verify child process ({script}) did not start; check `python -c 'import math_verify'` "
+                "works in this environment (pip install math-verify)"
+            )
 
     def _read(self):
         for line in self.proc.stdout:
@@ -191,9 +202,15 @@ def _take_worker() -> VerifyWorker:
     except queue.Empty:
         pass
     with _spawn_lock:
-        if _spawned < MAX_WORKERS:
-            _spawned += 1
+        spawn = _spawned < MAX_WORKERS
+        _spawned += spawn
+    if spawn:
+        try:
             return VerifyWorker()
+        except Exception:
+            with _spawn_lock:
+                _spawned -= 1
+            raise
     return _idle.get()  # all busy: wait for one
 
 
@@ -239,7 +256,7 @@ def guard_order(gold: str, pred: str) -> str:
 @lru_cache(maxsize=1 << 16)
 def math_equal(gold: str, pred: str) -> bool:
     """Is the boxed answer `pred` equivalent to the LaTeX gold? Never raises."""
-    gold, pred = gold.strip(), pred.strip().rstrip(".").strip()
+    gold, pred = gold.strip().rstrip(".").strip(), pred.strip().rstrip(".").strip()  # "7 hours." ends a sentence
     if not gold or not pred:
         return False
     if PLAIN_NUMBER_RE.fullmatch(gold) and PLAIN_NUMBER_RE.fullmatch(pred):  # fast path: exact rationals

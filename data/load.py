@@ -157,7 +157,7 @@ def math_gold(row: dict) -> str | None:
             continue
         if isinstance(v, float):  # AMC: 27.0 -> "27"
             v = str(int(v)) if v.is_integer() else repr(v)
-        v = str(v).replace("$", "").strip()
+        v = re.sub(r"(?<!\\)\$", "", str(v)).strip()  # math delimiters go; an escaped dollar sign "\$36" stays
         if v:
             return v
     solution = row.get("solution")

@@ -179,6 +179,12 @@ def test_math_verify_time_limit_works_off_the_main_thread(monkeypatch):
     assert data.grade({"grader": "math", "gold": "\\frac{1}{2}"}, "\\boxed{0.5}")["correct"]  # a fresh child works
 
 
+def test_a_worker_that_cannot_start_is_an_error_not_a_zero(monkeypatch):
+    monkeypatch.setattr(G.sys, "executable", "/bin/false")  # the child exits at once, as if math-verify were missing
+    with pytest.raises(RuntimeError, match="math-verify"):
+        G.VerifyWorker()
+
+
 def test_grade_many_matches_grade():
     exs = [{"grader": "math", "gold": g} for g, _, _ in MATH_CASES[:12]]
     rs = [r for _, r, _ in MATH_CASES[:12]]
@@ -245,6 +251,16 @@ def test_gold_rules_grade_the_natural_answers():
     assert data.reward(amc[2], "\\boxed{\\frac{3}{4}}") == 1.0
     minerva = data.load_dataset("minerva_math", path=str(FIX / "minerva_mini.jsonl"))
     assert data.reward(minerva[1], "\\boxed{5}") == 1.0
+
+
+def test_escaped_dollar_in_a_gold_survives(tmp_path):
+    f = tmp_path / "test.jsonl"
+    f.write_text(
+        json.dumps({"problem": "Cost?", "answer": "\\$36"}) + "\n" + json.dumps({"problem": "x?", "answer": "$5$"})
+    )
+    ex = data.load_dataset("math500", path=str(f))
+    assert [e["gold"] for e in ex] == ["\\$36", "5"]  # math delimiters removed, a currency sign kept
+    assert data.reward(ex[0], "\\boxed{\\$36}") == 1.0 and data.reward(ex[0], "\\boxed{36}") == 1.0
 
 
 def test_limit():
@@ -389,3 +405,13 @@ def test_real_math_train_skips_its_two_empty_answers(capsys):
     assert len(ex) == 8888 - 2  # README: 8,888 rows; two have an empty \boxed{} and no answer
     assert "skipped 2 rows" in capsys.readouterr().err
     assert sum(e["gold"] == "2" for e in ex) > 0
+
+
+@pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared/data is not on this machine")
+def test_real_reference_solutions_grade_correct():
+    """The last box of every MATH500 / MATH-train reference solution must equal that row's own answer."""
+    for name, path in [("math500", "math500"), ("math_train", "math_l3to5/train.jsonl")]:
+        ex = data.load_dataset(name, split="test" if name == "math500" else "train", path=str(SHARED / "data" / path))
+        wrong = [(e["gold"], g["pred"]) for e, g in zip(ex, data.grade_many(ex, [e["solution"] for e in ex]))
+                 if not g["correct"]]  # fmt: skip
+        assert wrong == [], wrong[:5]
