@@ -1,0 +1,154 @@
+"""
+The Triton fused adapter-matmul in sample.py, on CPU: (1) under TRITON_INTERPRET=1 against a float64 PyTorch reference
+at odd shapes and through `generate`; (2) compiled ahead of time for a Hopper GPU (sm_90), which enforces the shape and
+resource rules the interpreter does not (tl.dot dims >= 16, shared memory). Run: `python -m pytest -q
+tests/test_kernel.py`.
+
+Both run in a subprocess (this file run as a script): TRITON_INTERPRET must be set before triton is first imported,
+and other test files import it (through sample.py) without it.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("triton", reason="triton is not installed (it ships with torch on Linux)")
+
+# (M, N, K, r, bias): M = 1 decode; M, N, K off the tiles; N = 512; one shape per config bucket of sample.CONFIGS
+SHAPES = [
+    (1, 512, 96, 2, True),
+    (1, 40, 300, 2, False),
+    (37, 80, 200, 2, True),
+    (70, 512, 130, 3, False),
+    (300, 260, 72, 2, True),
+]
+SMEM_LIMIT = 232448  # bytes of shared memory one CTA may use on H100/H200 (227 KiB)
+
+
+def run_self(what: str, interpret: bool):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silence triton 3.9's notice about the default changing
+    r = subprocess.run([sys.executable, __file__, what], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{what} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def test_kernel_matches_float64_reference_under_the_interpreter():
+    out = run_self("interpret", interpret=True)
+    assert out.count("ok") == len(SHAPES) * 3, out
+
+
+def test_generate_with_the_triton_path_equals_the_torch_path_under_the_interpreter():
+    out = run_self("generate", interpret=True)
+    assert "ok" in out, out
+
+
+def test_every_kernel_configuration_compiles_for_hopper():
+    out = run_self("aot", interpret=False)
+    assert "compiled" in out, out
+
+
+# -----------------------------------------------------------------------------
+# what the subprocess runs
+
+
+def check_interpret():
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import sample
+
+    g = torch.Generator().manual_seed(0)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative to the output's scale
+    for M, N, K, r, has_bias in SHAPES:
+        W = torch.randn(N, K, generator=g) / K**0.5
+        b = torch.randn(N, generator=g) if has_bias else None
+        x = torch.randn(M, K, generator=g)
+        U, V = torch.randn(N, r, generator=g), torch.randn(K, r, generator=g) / K**0.5
+        Mr = torch.randn(r, r, generator=g)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            xd, Wd, bd = x.to(dtype), W.to(dtype), None if b is None else b.to(dtype)
+            # reference in float64 from the (rounded) inputs, the three-line adapter: x Wᵀ + b + ((x V) Mᵀ) Uᵀ
+            x64, W64 = xd.double(), Wd.double()
+            ref = x64 @ W64.T + (0 if bd is None else bd.double()) + ((x64 @ V.double()) @ Mr.double().T) @ U.double().T
+            A = (V @ Mr.T).contiguous()  # what adapters_for_sampling precomputes
+            y = sample.lowrank_linear_triton(xd, Wd, bd, A, U.contiguous())
+            assert y.dtype == dtype and y.shape == (M, N)
+            err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
+            assert err < tol[dtype], f"{(M, N, K, r, dtype)}: relative error {err:.2e}"
+            print("ok", M, N, K, r, dtype, f"{err:.1e}")
+
+
+def check_generate():
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tempfile
+
+    from conftest import write_checkpoint
+    from test_sample import PROMPTS, attach_stand_in
+
+    import sample
+    from model import load_model
+
+    with tempfile.TemporaryDirectory() as d:
+        model = attach_stand_in(load_model(str(write_checkpoint(Path(d), "qwen2")), device="cpu"))
+    a, b = (
+        sample.generate(model, PROMPTS, G=2, max_new_tokens=6, generator=torch.Generator().manual_seed(0), mode=m)
+        for m in ("torch", "triton")
+    )
+    assert torch.equal(a.tokens, b.tokens), (a.tokens, b.tokens)
+    assert (a.logp - b.logp).abs().max() < 1e-5
+    print("ok")
+
+
+def check_aot():
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    sys.path.insert(0, str(ROOT))
+    import sample
+
+    target = GPUTarget("cuda", 90, 32)  # Hopper (H100/H200): compiles to a cubin with ptxas, no GPU needed
+    ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    n = 0
+    for dtype in ty:
+        p = "*" + ty[dtype]
+        # the s = x A kernel
+        sig = dict(x_ptr=p, a_ptr="*fp32", s_ptr="*fp32", M="i32", K="i32", stride_xm="i32")
+        cx = dict(R=2, R_PAD=2, BLOCK_M=sample.XA_BLOCK_M, BLOCK_K=sample.XA_BLOCK_K)
+        compile_one(triton, sample._xa_kernel, sig, cx, {}, target)
+        n += 1
+        # the GEMM + epilogue, every config bucket, with and without a bias
+        for max_m, *_ in sample.CONFIGS:
+            cfg = sample.pick_config(max_m or 4096, dtype)
+            opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+            for has_bias in (True, False):
+                sig = dict(x_ptr=p, w_ptr=p, b_ptr=p, s_ptr="*fp32", u_ptr="*fp32", y_ptr=p)
+                sig.update(M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_ym="i32")
+                precision = "ieee" if dtype == torch.float32 else "tf32"
+                cx = dict(HAS_BIAS=has_bias, R=2, UPCAST=False, PRECISION=precision, **cfg)
+                k = compile_one(triton, sample._lowrank_linear_kernel, sig, cx, opts, target)
+                assert k.metadata.shared <= SMEM_LIMIT, f"{dtype} {cfg}: {k.metadata.shared} B of shared memory"
+                n += 1
+    print(f"compiled {n} kernels for sm_90")
+
+
+def compile_one(triton, fn, sig, constexprs, options, target):
+    sig = {**sig, **{k: "constexpr" for k in constexprs}}
+    # pointers and the int arguments that are multiples of 16 at real shapes get the divisibility hint the JIT gives
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(sig.items()) if v != "constexpr" and k != "M"}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=target, options=options)
+
+
+if __name__ == "__main__":
+    {"interpret": check_interpret, "generate": check_generate, "aot": check_aot}[sys.argv[1]]()
