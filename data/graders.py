@@ -193,10 +193,13 @@ class VerifyWorker:
 _idle: "queue.LifoQueue[VerifyWorker]" = queue.LifoQueue()
 _spawned = 0
 _spawn_lock = threading.Lock()
+_owner = os.getpid()
 
 
 def _take_worker() -> VerifyWorker:
-    global _spawned
+    global _spawned, _idle, _owner
+    if os.getpid() != _owner:  # a forked process (e.g. a DataLoader worker) must not share its parent's pipes
+        _idle, _spawned, _owner = queue.LifoQueue(), 0, os.getpid()
     try:
         return _idle.get_nowait()
     except queue.Empty:

@@ -395,6 +395,7 @@ def test_real_files_load_with_documented_counts(name, split):
     assert all(e["gold"] and e["question"] for e in ex)
     if name == "gsm8k":
         assert all(G.to_number(e["gold"]).denominator == 1 for e in ex)  # integer golds
+        assert all(data.grade(e, e["solution"])["strict"] for e in ex)  # each reference answer passes strict
     if name == "aime24":
         assert sum(e["gold"].startswith("0") for e in ex) > 0  # leading zeros kept
 
