@@ -193,3 +193,29 @@ def test_end_to_end_greedy_matches_model_greedy(make_checkpoint, tmp_path, capsy
         assert r["prompt"] == tok.render(data.build_messages(ex))
         assert r["response"] == tok.decode(greedy(model, ids, 6, tok.stop_ids))
         assert r["n_tokens"] <= 6
+
+
+def test_end_to_end_with_adapter_file(make_checkpoint, tmp_path, capsys):
+    """--adapter FILE gives the same responses as evaluating the adapted model in-process (tinylora contract)."""
+    tinylora = pytest.importorskip("tinylora")
+    from model import Tokenizer, load_model
+
+    ckpt = str(make_checkpoint("qwen2"))
+    model, tok = load_model(ckpt, device="cpu"), Tokenizer(ckpt)
+    examples = data.load_dataset("gsm8k", path=str(FIX / "gsm8k_mini.jsonl"))
+    ids = torch.tensor([tok.apply_chat_template(data.build_messages(examples[0]))])
+    base_logits = model(ids)
+    adapter = tinylora.attach(model, u=1, tie=1, seed=0)
+    with torch.no_grad():
+        for p in adapter.params:
+            p.fill_(0.5)
+    assert not torch.allclose(model(ids), base_logits)  # the adapter really changes the network
+    path = str(tmp_path / "adapter.safetensors")
+    adapter.save(path)
+    want = tmp_path / "in_process.jsonl"
+    ev.evaluate(model, tok, examples, batch_size=3, max_new_tokens=6, out_path=str(want), progress=False)
+    got = tmp_path / "cli.jsonl"
+    argv = ["--model", ckpt, "--adapter", path, "--dataset", "gsm8k", "--data", str(FIX / "gsm8k_mini.jsonl")]
+    ev.main(argv + ["--batch-size", "3", "--max-new-tokens", "6", "--out", str(got), "--device", "cpu"])
+    responses = lambda f: [json.loads(line)["response"] for line in f.read_text().splitlines()]  # noqa: E731
+    assert responses(got) == responses(want)
