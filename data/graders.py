@@ -89,7 +89,7 @@ def to_number(text) -> Fraction | None:
 def extract_strict(response: str) -> str | None:
     """The number after the LAST `####` marker (choice 1), as written."""
     last = None
-    for m in STRICT_RE.finditer(response or ""):
+    for m in STRICT_RE.finditer(response if isinstance(response, str) else ""):
         last = m.group(1)
     return last
 
@@ -97,7 +97,7 @@ def extract_strict(response: str) -> str | None:
 def extract_flexible(response: str) -> str | None:
     """The last number anywhere in the response (choice 2), as written."""
     last = None
-    for m in FLEXIBLE_RE.finditer(response or ""):
+    for m in FLEXIBLE_RE.finditer(response if isinstance(response, str) else ""):
         last = m.group(1)
     return last
 
@@ -111,7 +111,7 @@ BOX_COMMANDS = ("\\boxed", "\\fbox")
 def extract_boxed(response: str) -> str | None:
     """Content of the last \\boxed{...} / \\fbox{...} (nested braces matched), or of `\\boxed 5`; None if absent,
     empty or unterminated. One backward search and one forward scan: linear time in the response length."""
-    response = response or ""
+    response = response if isinstance(response, str) else ""
     start, cmd = max((response.rfind(c), c) for c in BOX_COMMANDS)
     if start < 0:
         return None

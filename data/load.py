@@ -231,6 +231,7 @@ def load_dataset(name_or_path: str, split: str = "test", limit: int | None = Non
         style = "gsm8k" if grader == "gsm8k" else "boxed"
         stem = os.path.splitext(os.path.basename(file))[0]  # ../shared/data/math500/test.jsonl -> "math500"
         name = os.path.basename(os.path.dirname(os.path.abspath(file))) if stem in ("train", "test") else stem
+        split = stem if stem in ("train", "test") else split
     examples, skipped = [], []
     for n, row in rows:
         where = f"{file} row {n}" if file.endswith(".parquet") else f"{file} line {n}"

@@ -146,6 +146,7 @@ def test_graders_never_raise_on_junk():
     for r in junk:
         assert data.grade({"grader": "math", "gold": "5"}, r)["correct"] is False
         assert data.grade({"grader": "gsm8k", "gold": "5"}, r)["correct"] is False
+        assert data.extract_strict(r) is None and data.extract_boxed(r) in (None, "\x00")
 
 
 def test_long_responses_take_bounded_time():
@@ -221,11 +222,15 @@ def test_load_gsm8k_jsonl_and_parquet(tmp_path):
     assert [e["gold"] for e in data.load_dataset(str(tmp_path / "rows.json"))] == ["7", "2080", "-3"]
 
 
-def test_load_unnamed_file_infers_the_grader():
+def test_load_unnamed_file_infers_the_grader(tmp_path):
     ex = data.load_dataset(str(FIX / "gsm8k_mini.jsonl"))
     assert ex[0]["grader"] == "gsm8k"
     ex = data.load_dataset(str(FIX / "math_mini.jsonl"))
     assert ex[0]["grader"] == "math" and ex[0]["style"] == "boxed"
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text((FIX / "gsm8k_mini.jsonl").read_text())
+    ex = data.load_dataset(str(tmp_path / "gsm8k" / "train.jsonl"))
+    assert (ex[0]["dataset"], ex[0]["split"], ex[0]["id"]) == ("gsm8k", "train", "gsm8k-train-0")
 
 
 @pytest.mark.parametrize(
