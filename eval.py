@@ -118,7 +118,7 @@ def evaluate(
             "n_tokens": n_tokens[i],
             "prompt": texts[i],
             "response": responses[i],
-        }  # fmt: skip
+        }
         for i, (ex, g) in enumerate(zip(examples, grades))
     ]
     if out_path:
