@@ -115,6 +115,8 @@ def write_checkpoint(path: Path, family: str = "qwen2", tied: bool = False, seed
                 p.normal_(0, 0.1)
             elif "bias" in name:
                 p.normal_(0, 0.1)
+            elif "norm" in name:  # RMSNorm weights start at exactly 1: perturb them so a misplaced one shows
+                p.normal_(1, 0.1)
     model.save_pretrained(path)
     return path
 

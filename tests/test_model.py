@@ -250,12 +250,30 @@ def test_hub_rope_theta_is_read(make_checkpoint, tmp_path):
         check("rope_theta 1e6", load_model(str(hub), device="cpu")(idx), hf_model(hub)(idx).logits)
 
 
-def test_sharded_checkpoint(tiny, tmp_path):
+def test_sharded_checkpoint(tiny, tmp_path, monkeypatch):
+    import contextlib
+
+    import safetensors
+
     path, ours, ref = tiny("qwen2")
     ref.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    opened, open_now, real_open = [], [], safetensors.safe_open
+
+    @contextlib.contextmanager
+    def watched_open(file, **kw):  # record which shard files are open, and how many at once
+        opened.append(os.path.basename(file))
+        open_now.append(file)
+        assert len(open_now) == 1, "two shards open at once"
+        with real_open(file, **kw) as f:
+            yield f
+        open_now.remove(file)
+
+    monkeypatch.setattr(safetensors, "safe_open", watched_open)
     sharded = load_model(str(tmp_path / "sharded"), device="cpu")
+    assert sorted(opened) == sorted(shards)  # each shard read once
     sd, sd2 = ours.state_dict(), sharded.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
 
