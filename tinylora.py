@@ -79,7 +79,7 @@ def canonical_sign(U, V):
     return U * s, V * s
 
 
-def top_svd_krylov(W, r: int, block: int = 8, tol: float = 1e-6):
+def top_svd_krylov(W, r: int, block: int = 4, tol: float = 1e-5):
     """Top-r singular triplets of W by block Lanczos on the smaller Gram matrix (G = W Wᵀ or Wᵀ W).
 
     Only matrix products with W are needed (fp32, the expensive part); the Krylov basis and the small
@@ -121,6 +121,18 @@ def top_svd_krylov(W, r: int, block: int = 8, tol: float = 1e-6):
     WV = W @ Q  # (m, r)
     S = WV.norm(dim=0)
     return WV / S.clamp(min=1e-30), S, Q
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Run a block with n intra-op threads (restored after); None leaves the setting alone."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def top_svd(W, r: int, svd: str = "fast", sign: bool = True):
@@ -165,26 +177,28 @@ class TinyLoRALinear(nn.Module):
         self.register_buffer("P", P.to(U.device), persistent=False)  # (u, r, r)
         object.__setattr__(self, "v", v)  # (u,) shared with the other modules of its group; owned by the Adapter
 
-    def R(self):
-        R = torch.einsum("i,ijk->jk", self.v, self.P)  # (r, r) = Σ_i v_i P_i
+    def R(self, dtype=torch.float32):
+        R = torch.einsum("i,ijk->jk", self.v.to(dtype), self.P.to(dtype))  # (r, r) = Σ_i v_i P_i
         return R / math.sqrt(self.u) if self.variant == "verl" else R
 
-    def lowrank(self):
-        R = self.R()
+    def lowrank(self, dtype=torch.float32):
+        """(U, M, V) with ΔW = U M Vᵀ: U (d_out, r), M (r, r), V (d_in, r), fp32 unless asked otherwise."""
+        R, S = self.R(dtype), self.S.to(dtype)
         if self.variant == "paper":
-            M = self.S[:, None] * R  # Σ R
+            M = S[:, None] * R  # Σ R
         elif self.variant == "peft":
             M = R  # Σ already split into U and V
         else:
-            M = self.scale * R * self.S[None, :]  # (α/r) R Σ: Σ on the input side
-        return self.U, M, self.V
+            M = self.scale * R * S[None, :]  # (α/r) R Σ: Σ on the input side
+        return self.U.to(dtype), M, self.V.to(dtype)
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
-        U, M, V = self.lowrank()
-        return y + (((x.float() @ V) @ M.T) @ U.T).to(y.dtype)  # (..., d_out), low-rank path in fp32
+        dt = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 only for a float64 model: gradient checks)
+        U, M, V = self.lowrank(dt)
+        return y + (((x.to(dt) @ V) @ M.T) @ U.T).to(y.dtype)  # (..., d_out), low-rank path in fp32
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, r={self.r}, u={self.u}, variant={self.variant}"
@@ -201,15 +215,16 @@ class LoRALinear(nn.Module):
         object.__setattr__(self, "A", A)  # (r, d_in) trainable, owned by the Adapter
         object.__setattr__(self, "B", B)  # (d_out, r) trainable, owned by the Adapter
 
-    def lowrank(self):
-        M = self.scale * torch.eye(self.r, device=self.A.device)
-        return self.B, M, self.A.T
+    def lowrank(self, dtype=torch.float32):
+        M = self.scale * torch.eye(self.r, device=self.A.device, dtype=dtype)
+        return self.B.to(dtype), M, self.A.T.to(dtype)
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
-        return y + (self.scale * ((x.float() @ self.A.T) @ self.B.T)).to(y.dtype)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        return y + (self.scale * ((x.to(dt) @ self.A.T.to(dt)) @ self.B.T.to(dt))).to(y.dtype)  # (..., d_out)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, r={self.r}, scale={self.scale}"
@@ -399,6 +414,8 @@ def attach(
         raise ValueError(f"unknown svd {svd!r}: use one of {', '.join(SVDS)}")
     if min(r, u, tie) < 1:
         raise ValueError(f"r, u and tie must be positive integers (got r={r}, u={u}, tie={tie})")
+    if method == "loraxs" and variant != "paper":
+        raise ValueError("LoRA-XS has one form (W + U Σ R Vᵀ): use variant='paper' with method='loraxs'")
     if method == "lora" and tie != 1:
         raise ValueError("LoRA has no tying: use tie=1 with method='lora'")
     if any(isinstance(m, ADAPTER_LAYERS) for m in model.modules()):
@@ -415,6 +432,8 @@ def attach(
         alpha = float(r) if alpha is None else float(alpha)
     if variant == "verl" and method == "tinylora":
         alpha = float(r) if alpha is None else float(alpha)
+    elif method != "lora":
+        alpha = None  # only LoRA and the verl variant scale by α / r
     settings = dict(
         method=method, variant=variant, r=r, u=u, tie=tie, order=order, targets=list(targets), seed=seed,
         alpha=alpha, svd=svd,
@@ -438,25 +457,30 @@ def attach(
             params = [torch.randn(u, generator=g).mul_(1e-5).to(dev) for _ in range(G)]
         for p in params:
             p.requires_grad_(True)
-    for k, name in enumerate(names):
-        base = _get(model, name)
-        if method == "lora":  # A like nn.Linear's default init (kaiming-uniform, a=√5), seeded per module
-            g = torch.Generator().manual_seed(module_seed(seed, k, "paper"))
-            A = torch.empty(r, base.in_features)
-            bound = 1.0 / math.sqrt(base.in_features)  # = kaiming_uniform_(a=√5)'s bound for fan_in
-            A = A.uniform_(-bound, bound, generator=g).to(dev).requires_grad_(True)
-            B = torch.zeros(base.out_features, r, device=dev, requires_grad=True)
-            mod = LoRALinear(base, r, A, B, alpha)
-            params += [A, B]
-        else:
-            if method == "loraxs":
-                P = torch.eye(r * r).view(r * r, r, r)  # (r², r, r): R = v.view(r, r)
+    # the fast SVD is a chain of small products and tiny LAPACK calls: on CPU one thread beats two, by a lot on
+    # a busy machine (dev/bench_svd.py measures both)
+    with cpu_threads(1 if dev.type == "cpu" and svd == "fast" else None):
+        for k, name in enumerate(names):
+            base = _get(model, name)
+            if method == "lora":
+                mod = make_lora(base, r, alpha, module_seed(seed, k, "paper"), dev)
+                params += [mod.A, mod.B]
             else:
-                P = make_P(u, r, module_seed(seed, k, variant), variant)
-            mod = TinyLoRALinear(base, r, P, params[group_of[k]], variant, svd, alpha if variant == "verl" else None)
-        _set(model, name, mod)
-        modules.append((name, mod))
+                P = torch.eye(r * r).view(r * r, r, r) if method == "loraxs" else None  # (r², r, r): R = v.view(r, r)
+                P = make_P(u, r, module_seed(seed, k, variant), variant) if P is None else P
+                mod = TinyLoRALinear(base, r, P, params[group_of[k]], variant, svd, alpha)
+            _set(model, name, mod)
+            modules.append((name, mod))
     return Adapter(model, settings, modules, params, group_of, fp)
+
+
+def make_lora(base: nn.Linear, r: int, alpha: float, seed: int, dev) -> LoRALinear:
+    """A as nn.Linear's default init (kaiming-uniform with a=√5, i.e. U(±1/√d_in)), seeded; B = 0."""
+    g = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(base.in_features)
+    A = torch.empty(r, base.in_features).uniform_(-bound, bound, generator=g).to(dev).requires_grad_(True)
+    B = torch.zeros(base.out_features, r, device=dev, requires_grad=True)
+    return LoRALinear(base, r, A, B, alpha)
 
 
 # -----------------------------------------------------------------------------
