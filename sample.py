@@ -55,6 +55,7 @@ except ImportError:
     triton = None
 
 MODES = ("auto", "torch", "triton", "merged")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SYNC_EVERY = 8  # decode steps between all-finished checks on CUDA (a host sync); CPU checks every step
 
 
@@ -74,7 +75,7 @@ class Rollouts:
 def lowrank_linear_torch(x, weight, bias, A, U):
     """y = x Wᵀ + b + (x A) Uᵀ with the low-rank path in fp32 (the slow, obvious path the kernel must match)."""
     y = F.linear(x, weight, bias)  # (..., Nout)
-    s = x.float() @ A  # (..., r) fp32
+    s = x.to(A.dtype) @ A  # (..., r) fp32 (fp64 for a float64 model, as tinylora.py's forward)
     if y.dtype == torch.float32:  # add in place: no extra (M, Nout) temporary on the CPU hot path
         y.view(-1, y.shape[-1]).addmm_(s.view(-1, s.shape[-1]), U.T)
         return y
@@ -97,7 +98,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
     ):
         # s = x A in fp32: a broadcast-multiply-reduce, since tl.dot cannot take an r = 2 wide operand
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * K can pass 2**31
         rk = tl.arange(0, BLOCK_K)
         rr = tl.arange(0, R_PAD)
         acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -142,7 +143,7 @@ if triton is not None:
         size_m = min(num_m - first_m, GROUP_M)
         pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
         pid_n = (pid % (GROUP_M * num_n)) // size_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: a long prefill's M * K passes 2**31
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # (BLOCK_M, BLOCK_K)
@@ -230,7 +231,7 @@ def lowrank_linear_triton(x, weight, bias, A, U, config=None):
 
 def lowrank_linear(x, weight, bias, A, U, mode="auto"):
     """y = x Wᵀ + b + (x A) Uᵀ: Triton on CUDA ("auto") or when forced ("triton"), PyTorch otherwise."""
-    if mode == "triton" or (mode == "auto" and x.is_cuda and triton is not None):
+    if mode == "triton" or (mode == "auto" and x.is_cuda and triton is not None and x.dtype in KERNEL_DTYPES):
         return lowrank_linear_triton(x, weight, bias, A, U)
     return lowrank_linear_torch(x, weight, bias, A, U)
 
@@ -262,9 +263,10 @@ def adapters_for_sampling(model, mode="auto"):
             for m in model.modules():
                 if not (callable(getattr(m, "lowrank", None)) and getattr(m, "enabled", True)):
                     continue
-                U, Mr, V = (t.float() for t in m.lowrank())  # (d_out, r), (r, r), (d_in, r)
+                dt = torch.promote_types(m.weight.dtype, torch.float32)  # the low-rank path's dtype
+                U, Mr, V = (t.to(dt) for t in m.lowrank())  # (d_out, r), (r, r), (d_in, r)
                 if mode == "merged":
-                    W = (m.weight.float() + U @ Mr @ V.T).to(torch.bfloat16).to(m.weight.dtype)  # (d_out, d_in)
+                    W = (m.weight.to(dt) + U @ Mr @ V.T).to(torch.bfloat16).to(m.weight.dtype)  # (d_out, d_in)
                     m.forward = functools.partial(F.linear, weight=W, bias=m.bias)
                 else:
                     A = (V @ Mr.T).contiguous()  # (d_in, r): fold M into V once (choice 2)
@@ -359,11 +361,9 @@ def generate(
     N = P * G
     lens = torch.tensor([len(p) for p in prompts], device=dev)  # (P,)
     Lp = max(len(p) for p in prompts)
-    idx = torch.full((P, Lp), pad_id, dtype=torch.long, device=dev)
+    idx = torch.tensor([[pad_id] * (Lp - len(p)) + list(p) for p in prompts], device=dev)  # (P, Lp), left-padded
     key_mask = torch.ones(N, Lp + T, dtype=torch.bool, device=dev)  # (N, S): generated slots are always real
-    for i, p in enumerate(prompts):  # left padding (choice 7)
-        idx[i, Lp - len(p) :] = torch.tensor(p, device=dev)
-        key_mask[i * G : (i + 1) * G, : Lp - len(p)] = False
+    key_mask[:, :Lp] = (torch.arange(Lp, device=dev) >= Lp - lens[:, None]).repeat_interleave(G, 0)  # pads off
     cache = model.new_cache(N, Lp + T)  # k, v: (L, N, Hkv, S, D)
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
     tokens = torch.full((N, T), pad_id, dtype=torch.long, device=dev)

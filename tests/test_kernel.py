@@ -93,13 +93,14 @@ def check_generate():
     import tempfile
 
     from conftest import write_checkpoint
-    from test_sample import PROMPTS, attach_stand_in
+    from test_sample import PROMPTS, attach
 
     import sample
     from model import load_model
 
     with tempfile.TemporaryDirectory() as d:
-        model = attach_stand_in(load_model(str(write_checkpoint(Path(d), "qwen2")), device="cpu"))
+        model = load_model(str(write_checkpoint(Path(d), "qwen2")), device="cpu")
+    attach(model)
     a, b = (
         sample.generate(model, PROMPTS, G=2, max_new_tokens=6, generator=torch.Generator().manual_seed(0), mode=m)
         for m in ("torch", "triton")

@@ -7,8 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import sample
 from model import load_model
@@ -212,39 +210,22 @@ def test_triton_mode_without_gpu_or_interpreter_is_refused(qwen2, monkeypatch):
 # sampler vs trainer with an adapter attached
 
 
-class StandInAdapter(nn.Module):
-    """A rank-r adapter following tinylora.py's contract (weight, bias, enabled, lowrank(), forward)."""
+def attach(model, seed=0, scale=0.1):
+    """tinylora.attach (r=2, u=1, one v per module) with v drawn away from zero, so the adapter changes the model."""
+    import tinylora
 
-    def __init__(self, lin: nn.Linear, r: int, gen: torch.Generator):
-        super().__init__()
-        self.weight, self.bias, self.enabled = lin.weight, lin.bias, True
-        U, S, Vh = torch.linalg.svd(lin.weight.detach().float(), full_matrices=False)
-        self.U, self.V = U[:, :r], Vh[:r].T  # (d_out, r), (d_in, r)
-        self.M = torch.diag(S[:r]) @ (0.05 * torch.randn(r, r, generator=gen))  # (r, r): ΔW = U M Vᵀ
-
-    def lowrank(self):
-        return self.U, self.M, self.V
-
-    def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
-        if not self.enabled:
-            return y
-        return y + (((x.float() @ self.V) @ self.M.T) @ self.U.T).to(y.dtype)
-
-
-def attach_stand_in(model, r=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    for layer in model.model.layers:
-        for parent, names in ((layer.self_attn, "qkvo"), (layer.mlp, ("gate", "up", "down"))):
-            for n in names:
-                name = f"{n}_proj"
-                setattr(parent, name, StandInAdapter(getattr(parent, name), r, gen))
-    return model
+    adapter = tinylora.attach(model, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for v in adapter.params:
+            v.copy_(scale * torch.randn(v.shape, generator=g))
+    return adapter
 
 
 @pytest.fixture(scope="module")
 def adapted(make_checkpoint):
-    return attach_stand_in(load_model(str(make_checkpoint("qwen2", seed=1)), device="cpu"))
+    model = load_model(str(make_checkpoint("qwen2", seed=1)), device="cpu")
+    return model, attach(model)
 
 
 def trainer_logp(model, out):
@@ -258,33 +239,22 @@ def trainer_logp(model, out):
 
 
 def test_sampler_logp_equals_trainer_logp_with_an_adapter(adapted):
-    base = sample.generate(adapted, PROMPTS, max_new_tokens=1, temperature=0)
-    for m in adapted.modules():
-        if isinstance(m, StandInAdapter):
-            m.enabled = False
-    off = sample.generate(adapted, PROMPTS, max_new_tokens=1, temperature=0)
-    for m in adapted.modules():
-        if isinstance(m, StandInAdapter):
-            m.enabled = True
-    assert not torch.allclose(base.logp, off.logp), "the adapter must change the model for this test to bite"
-    out = gen(adapted, G=2, max_new_tokens=16, temperature=1.0)
-    ref = trainer_logp(adapted, out)
+    model, adapter = adapted
+    on = sample.generate(model, PROMPTS, max_new_tokens=1, temperature=0)
+    with adapter.disabled():
+        off = sample.generate(model, PROMPTS, max_new_tokens=1, temperature=0)
+    assert (on.logp - off.logp).abs().max() > 1e-2, "the adapter must change the model for this test to bite"
+    out = gen(model, G=2, max_new_tokens=16, temperature=1.0)
     fused = out.logp[out.mask]
-    assert (fused - ref).abs().max() <= 1e-5
-    merged = gen(adapted, G=2, max_new_tokens=16, temperature=1.0, mode="merged")  # bf16-rounded merged weights
-    assert (merged.logp[merged.mask] - trainer_logp(adapted, merged)).abs().max() > 1e-3  # the mismatch it shows
+    assert (fused - trainer_logp(model, out)).abs().max() <= 1e-5
+    merged = gen(model, G=2, max_new_tokens=16, temperature=1.0, mode="merged")  # bf16-rounded merged weights
+    assert (merged.logp[merged.mask] - trainer_logp(model, merged)).abs().max() > 1e-3  # the mismatch it shows
 
 
 def test_disabled_adapter_samples_the_base_model(adapted, make_checkpoint):
+    model, adapter = adapted
     plain = load_model(str(make_checkpoint("qwen2", seed=1)), device="cpu")
-    for m in adapted.modules():
-        if isinstance(m, StandInAdapter):
-            m.enabled = False
-    try:
-        a = gen(adapted, max_new_tokens=8)
-    finally:
-        for m in adapted.modules():
-            if isinstance(m, StandInAdapter):
-                m.enabled = True
+    with adapter.disabled():
+        a = gen(model, max_new_tokens=8)
     b = gen(plain, max_new_tokens=8)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logp, b.logp)

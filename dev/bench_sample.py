@@ -1,0 +1,345 @@
+"""
+Benchmarks for sample.py; every ratio is measured within one run.
+
+    python dev/bench_sample.py --what cpu        # ours vs transformers generate, SmolLM2-135M-Instruct, batch 16
+    python dev/bench_sample.py --what mismatch   # sampler vs trainer log-probs: fused path vs merged bf16 weights
+    python dev/bench_sample.py --what kernel     # GPU: fused adapter-matmul vs cuBLAS F.linear, Qwen2.5-7B shapes
+    python dev/bench_sample.py --what sampler    # GPU: decode tokens/s vs the bandwidth roofline, adapter on vs off
+
+cpu: both sides generate 128 forced new tokens (no stop) for the same 16 chat prompts at temperature 1, no top-k/p,
+fp32, `--threads` threads; they alternate (ours, hf, ours, hf, ...) so a machine that gets busier hurts both alike.
+mismatch: an adapter with v != 0 on SmolLM2; sample with the fused path and with merged bf16 weights, then score the
+same tokens with the training forward (the adapter modules' own forward over whole sequences).
+kernel / sampler: random weights at the real shapes (no download). The sampler benchmark uses a stand-in rank-2
+adapter with random orthonormal U, V that follows tinylora.py's contract: the kernel's cost does not depend on where
+U, M, V came from, and an SVD of 196 7B matrices would take minutes.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import sample  # noqa: E402
+from model import Config, Tokenizer, Transformer, load_model, rope_inv_freq  # noqa: E402
+
+DEFAULT_MODEL = Path(os.environ.get("TINYLORA_CACHE", Path.home() / ".cache" / "tinylora")) / "SmolLM2-135M-Instruct"
+QUESTIONS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many in all?",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
+    "Betty needs $100 for a wallet. She has half of the money. Her parents give her $15. How much more does she need?",
+    "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?",
+    "Albert buys 2 large pizzas and 2 small pizzas. A large pizza has 16 slices and a small one 8. How many slices?",
+    "Ken's box weighed 2 pounds. He tripled it, then added 2 pounds of jelly beans. What does it weigh now?",
+    "Alexis spent $200 on clothes and had $16 left of her $200 budget plus gifts. What did the shoes cost?",
+    "Tina makes $18.00 an hour. If she works more than 8 hours a shift she gets overtime. How much does she make?",
+]
+SHAPES_7B = {  # Qwen2.5-7B projections: (d_out, d_in)
+    "q_proj": (3584, 3584),
+    "k_proj": (512, 3584),
+    "v_proj": (512, 3584),
+    "o_proj": (3584, 3584),
+    "gate_proj": (18944, 3584),
+    "up_proj": (18944, 3584),
+    "down_proj": (3584, 18944),
+}
+QWEN = {  # hidden, layers, heads, kv heads, head_dim, intermediate, vocab, tied (../shared/PERF.md)
+    "1.5B": (1536, 28, 12, 2, 128, 8960, 151936, True),
+    "7B": (3584, 28, 28, 4, 128, 18944, 152064, False),
+}
+
+
+class RandomAdapter(nn.Module):
+    """A rank-r adapter with tinylora.py's interface (weight, bias, enabled, lowrank()) and random orthonormal U, V."""
+
+    def __init__(self, lin, r=2, scale=1e-3):
+        super().__init__()
+        self.weight, self.bias, self.enabled = lin.weight, lin.bias, True
+        d_out, d_in = lin.weight.shape
+        dev = lin.weight.device
+        self.U = torch.linalg.qr(torch.randn(d_out, r, device=dev))[0]  # (d_out, r)
+        self.V = torch.linalg.qr(torch.randn(d_in, r, device=dev))[0]  # (d_in, r)
+        self.M = scale * torch.randn(r, r, device=dev)  # (r, r)
+
+    def lowrank(self):
+        return self.U, self.M, self.V
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return y + (((x.float() @ self.V) @ self.M.T) @ self.U.T).to(y.dtype) if self.enabled else y
+
+
+def attach(model, scale):
+    """tinylora.attach with v set to `scale` when tinylora.py exists, else the random stand-in above."""
+    try:
+        import tinylora
+    except ImportError:
+        tinylora = None
+    if tinylora is not None:
+        adapter = tinylora.attach(model)
+        with torch.no_grad():
+            for p in adapter.params:
+                p.fill_(scale)
+        return f"tinylora.attach (r=2, u=1, tie=1), v = {scale:g}"
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, "qkvo"), (layer.mlp, ("gate", "up", "down"))):
+            for n in names:
+                setattr(parent, f"{n}_proj", RandomAdapter(getattr(parent, f"{n}_proj"), scale=scale))
+    return f"stand-in random rank-2 adapter, M ~ {scale:g} N(0,1)"
+
+
+def chat_prompts(tok, n):
+    return [tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(n)]
+
+
+# -----------------------------------------------------------------------------
+# cpu: ours vs transformers
+
+
+def bench_cpu(args):
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    ours, tok = load_model(args.model, dtype=torch.float32, device="cpu"), Tokenizer(args.model)
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    prompts = chat_prompts(tok, args.batch)
+    L = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_id] * (L - len(p)) + p for p in prompts])  # left padding for transformers
+    attn = (torch.arange(L)[None] >= torch.tensor([L - len(p) for p in prompts])[:, None]).long()
+    T = args.new_tokens
+    print(
+        f"{args.batch} prompts of {min(map(len, prompts))}-{L} tokens, {T} forced new tokens, temperature 1, fp32, "
+        f"{args.threads} threads"
+    )
+
+    def run_ours(seed, T=T):
+        g = torch.Generator().manual_seed(seed)
+        out = sample.generate(ours, prompts, max_new_tokens=T, temperature=1.0, pad_id=tok.pad_id, generator=g)
+        assert out.mask.all() and out.tokens.shape == (args.batch, T)
+
+    def run_hf(seed, T=T):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = hf.generate(
+                ids,
+                attention_mask=attn,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=T,
+                min_new_tokens=T,
+                pad_token_id=tok.pad_id,
+            )
+        assert out.shape == (args.batch, L + T)
+
+    times = {"ours": [], "transformers": []}
+    run_ours(0, T=4), run_hf(0, T=4)  # warm-up
+    for rep in range(args.reps):
+        for name, fn in (("ours", run_ours), ("transformers", run_hf)):
+            t0 = time.perf_counter()
+            fn(rep + 1)
+            times[name].append(time.perf_counter() - t0)
+    tps = {k: args.batch * T / min(v) for k, v in times.items()}  # best of reps: the least disturbed run
+    for k, v in times.items():
+        print(
+            f"{k:>13}: {tps[k]:7.1f} tokens/s (best of {len(v)}: {min(v):.2f} s; "
+            f"all: {', '.join(f'{t:.2f}' for t in v)})"
+        )
+    print(f"ratio ours / transformers: {tps['ours'] / tps['transformers']:.2f}x")
+    # the same run with an adapter attached (fused torch path on CPU)
+    what = attach(ours, scale=1e-2)
+    t0 = time.perf_counter()
+    run_ours(99)
+    dt = time.perf_counter() - t0
+    print(f"ours with adapter ({what}): {args.batch * T / dt:.1f} tokens/s ({dt:.2f} s, one run)")
+
+
+# -----------------------------------------------------------------------------
+# mismatch: sampler vs trainer log-probs
+
+
+def trainer_logp(model, out, pad_id):
+    """Log-probs of the sampled tokens under the training forward: whole right-padded sequences, adapter forward."""
+    seqs = [p + out.tokens[i, : int(out.mask[i].sum())].tolist() for i, p in enumerate(out.prompts)]
+    L = max(map(len, seqs))
+    ids = torch.tensor([s + [pad_id] * (L - len(s)) for s in seqs])
+    attn = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
+    with torch.no_grad():
+        logits = model(ids, attention_mask=attn).float()  # (N, L, V)
+    lp = []
+    for i, p in enumerate(out.prompts):
+        n = int(out.mask[i].sum())
+        lp.append(logits[i, len(p) - 1 : len(p) - 1 + n].log_softmax(-1).gather(-1, out.tokens[i, :n, None])[:, 0])
+    return torch.cat(lp)
+
+
+def bench_mismatch(args):
+    torch.set_num_threads(args.threads)
+    tok = Tokenizer(args.model)
+    prompts = chat_prompts(tok, args.batch)
+    print(
+        f"{args.batch} prompts x G=2, up to {args.new_tokens} new tokens at temperature 1; "
+        "|Δ| = |sampler logp - trainer logp|"
+    )
+    print(f"{'dtype':>8} {'mode':>7} {'tokens':>7} {'p95 |Δ|':>10} {'max |Δ|':>10} {'ratio outside [0.9,1.1]':>24}")
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(args.model, dtype=dtype, device="cpu")
+        what = attach(model, scale=args.scale)
+        for mode in ("auto", "merged"):
+            g = torch.Generator().manual_seed(0)
+            out = sample.generate(
+                model,
+                prompts,
+                G=2,
+                max_new_tokens=args.new_tokens,
+                generator=g,
+                mode=mode,
+                stop_ids=tok.stop_ids,
+                pad_id=tok.pad_id,
+            )
+            d = (out.logp[out.mask] - trainer_logp(model, out, tok.pad_id)).abs().double()
+            outside = ((d.exp() > 1.1) | ((-d).exp() < 0.9)).float().mean()  # |Δ| -> the ratio exp(±Δ)
+            name = "fused" if mode == "auto" else "merged"
+            print(
+                f"{str(dtype)[6:]:>8} {name:>7} {d.numel():7d} {d.quantile(0.95):10.2e} {d.max():10.2e} "
+                f"{100 * outside:23.2f}%"
+            )
+    print(f"adapter: {what}")
+
+
+# -----------------------------------------------------------------------------
+# GPU: the kernel, and the sampler against the roofline
+
+
+def bench_kernel(args):
+    from triton.testing import do_bench
+
+    dev, dt = "cuda", torch.bfloat16
+    us = lambda f, *a, **kw: do_bench(lambda: f(*a, **kw)) * 1e3  # microseconds, CUDA events, L2 flushed
+    print(
+        f"{'proj':>9} {'M':>5} {'cuBLAS us':>9} {'fused us':>9} {'ratio':>6} {'GB/s':>7} {'torch path':>10} "
+        f"{'best cfg us':>11} best config"
+    )
+    for name, (N, K) in SHAPES_7B.items():
+        W = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
+        U, V = torch.randn(N, 2, device=dev), torch.randn(K, 2, device=dev) / K**0.5
+        A = (V @ torch.randn(2, 2, device=dev).T).contiguous()
+        b = torch.randn(N, device=dev, dtype=dt) if name in ("q_proj", "k_proj", "v_proj") else None
+        for M in args.M:
+            x = torch.randn(M, K, device=dev, dtype=dt)
+            t_ref = us(F.linear, x, W, b)  # the merged-weight baseline (cuBLAS)
+            t_fused = us(sample.lowrank_linear_triton, x, W, b, A, U)
+            t_torch = us(sample.lowrank_linear_torch, x, W, b, A, U)
+            best = (float("inf"), None)
+            for _, bm, bn, bk, gm, w, s in sample.CONFIGS:  # the sweep that should retune sample.CONFIGS
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
+                t = us(sample.lowrank_linear_triton, x, W, b, A, U, config=cfg)
+                best = min(best, (t, (bm, bn, bk, gm, w, s)), key=lambda z: z[0])
+            gbs = (W.numel() + 2 * x.numel() + M * N) * 2 / (t_fused * 1e-6) / 1e9  # W, x (twice), y bytes
+            print(
+                f"{name:>9} {M:5d} {t_ref:9.1f} {t_fused:9.1f} {t_fused / t_ref:6.2f} {gbs:7.0f} {t_torch:10.1f} "
+                f"{best[0]:11.1f} {best[1]}"
+            )
+
+
+def random_model(size, dev="cuda", dtype=torch.bfloat16):
+    C, L, H, Hkv, D, I, Vocab, tied = QWEN[size]
+    cfg = Config(
+        architecture="Qwen2ForCausalLM",
+        vocab_size=Vocab,
+        hidden_size=C,
+        intermediate_size=I,
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        num_key_value_heads=Hkv,
+        head_dim=D,
+        tie_word_embeddings=tied,
+        attention_bias=True,
+        rope_theta=1e6,
+        max_position_embeddings=32768,
+    )
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=dev).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0 if "norm" in name else 0.0)
+    model.inv_freq = rope_inv_freq(cfg).to(dev)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def hbm_bandwidth():
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    from triton.testing import do_bench
+
+    ms = do_bench(lambda: y.copy_(x))
+    return 2 * x.numel() / (ms * 1e-3)  # bytes/s (read + write)
+
+
+def bench_sampler(args):
+    bw = hbm_bandwidth()
+    print(f"measured HBM bandwidth (2 GiB copy): {bw / 1e12:.2f} TB/s")
+    print(f"{'model':>5} {'batch':>5} {'adapter':>7} {'ms/step':>8} {'tokens/s':>9} {'GB/step':>8} {'% roofline':>10}")
+    ctx, n1, n2 = args.context, 8, 8 + args.steps
+    for size in args.sizes:
+        model = random_model(size)
+        C, L, H, Hkv, D, I, Vocab, tied = QWEN[size]
+        w_bytes = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n or tied) * 2
+        adapters = None
+        for batch in args.batch_sizes:
+            for adapter in ("off", "on"):
+                if adapter == "on" and adapters is None:
+                    attach(model, scale=1e-3)
+                    adapters = [m for m in model.modules() if isinstance(m, RandomAdapter)]
+                for m in adapters or []:
+                    m.enabled = adapter == "on"
+                g = torch.Generator("cuda").manual_seed(0)
+                prompts = torch.randint(0, Vocab, (batch, ctx), generator=g, device="cuda").tolist()
+                times = []
+                for n in (n1, n2):  # per-step decode time = difference of two runs / extra steps (prefill cancels)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    sample.generate(model, prompts, max_new_tokens=n, generator=g)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                step = (times[1] - times[0]) / (n2 - n1)
+                kv_bytes = 2 * L * batch * Hkv * (ctx + (n1 + n2) // 2) * D * 2  # keys + values read per step
+                gb = (w_bytes + kv_bytes) / 1e9
+                print(
+                    f"{size:>5} {batch:5d} {adapter:>7} {step * 1e3:8.2f} {batch / step:9.0f} {gb:8.2f} "
+                    f"{100 * gb * 1e9 / step / bw:9.1f}%"
+                )
+        del model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", choices=("cpu", "mismatch", "kernel", "sampler"), default="cpu")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF folder for cpu/mismatch (the test-cache SmolLM2)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16, help="cpu/mismatch: prompts")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=2, help="cpu: timed runs per side (best is reported)")
+    p.add_argument("--scale", type=float, default=0.05, help="mismatch: the adapter's v (or stand-in M scale)")
+    p.add_argument("--M", type=int, nargs="+", default=[1, 8, 64, 256, 4096], help="kernel: rows of x")
+    p.add_argument("--sizes", nargs="+", default=["1.5B", "7B"], choices=list(QWEN))
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--context", type=int, default=1024, help="sampler: prompt length (live context ~ this)")
+    p.add_argument("--steps", type=int, default=32, help="sampler: decode steps timed")
+    args = p.parse_args()
+    if args.what in ("kernel", "sampler") and not torch.cuda.is_available():
+        raise SystemExit(f"--what {args.what} needs a CUDA GPU (none visible to torch here)")
+    {"cpu": bench_cpu, "mismatch": bench_mismatch, "kernel": bench_kernel, "sampler": bench_sampler}[args.what](args)
