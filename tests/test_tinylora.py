@@ -193,7 +193,7 @@ def test_count_cli_offline():
     assert "13 trainable parameters" in out.stdout and "26 bytes in bf16" in out.stdout
     cmd[-1] = "196"
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert "1 trainable parameters" in out.stdout and "2 bytes in bf16" in out.stdout
+    assert "\n1 trainable parameter (" in out.stdout and "2 bytes in bf16" in out.stdout
     bad = subprocess.run(cmd[:2] + ["--model", "no/such-model"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "cannot read a config" in bad.stderr
 
