@@ -293,3 +293,48 @@ def test_grad_checkpointing_keeps_gradients(make_checkpoint):
     grpo.grpo_backward(*args, pad_id=0, micro_batch=5, tis_cap=None)
     assert torch.allclose(adapter.p.grad, want, atol=1e-6, rtol=1e-5)
     assert set(model.state_dict()) == keys
+
+
+# -----------------------------------------------------------------------------
+# learning: GRPO with 2 TinyLoRA parameters raises a synthetic reward on a tiny random model
+
+
+def in_target(ro, target):
+    return (torch.isin(ro.tokens, target) & ro.mask).sum(1).float() / ro.mask.sum(1)  # (N,) fraction per row
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grpo_learns_a_synthetic_reward_with_two_parameters(make_checkpoint, seed):
+    """Reward = fraction of generated tokens in a target set of 60 (of 384) tokens. The set is the tokens that
+    moving v along (4, 0) makes likelier, so a reward two numbers can reach exists; GRPO must find it from sampled
+    rewards alone. Scored before/after on 512 fresh samples drawn with the same seed."""
+    import sample
+    import tinylora
+
+    model = tiny_model(make_checkpoint)
+    adapter = tinylora.attach(model, r=2, u=2, tie=14, seed=seed)  # 14 modules share one v: 2 parameters
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, model.cfg.vocab_size, (5,), generator=g).tolist() for _ in range(8)]
+    with torch.no_grad():
+        p0 = model(torch.tensor(prompts))[:, -1].softmax(-1).mean(0)  # (V,) next-token distribution, base
+        adapter.params[0][0] = 4.0
+        p1 = model(torch.tensor(prompts))[:, -1].softmax(-1).mean(0)
+        adapter.params[0].zero_()
+    target = (p1.log() - p0.log()).argsort(descending=True)[:60]
+    opt = torch.optim.Adam(adapter.params, lr=0.5)
+    for _ in range(40):
+        ro = sample.generate(model, prompts, G=4, max_new_tokens=8, temperature=1.0, generator=g)
+        adv = grpo.group_advantages(in_target(ro, target), 4)
+        opt.zero_grad()
+        grpo.grpo_backward(model, adapter, ro.prompts, ro.tokens, ro.mask, adv, ro.logp, pad_id=0, micro_batch=32)
+        opt.step()
+    gen = lambda: torch.Generator().manual_seed(1234)  # noqa: E731 (the same draws before and after)
+    after = float(
+        in_target(sample.generate(model, prompts * 16, G=4, max_new_tokens=8, generator=gen()), target).mean()
+    )
+    with adapter.disabled():
+        before = float(
+            in_target(sample.generate(model, prompts * 16, G=4, max_new_tokens=8, generator=gen()), target).mean()
+        )
+    # base ~0.13; measured +0.085 and +0.096 on 2,048 samples; the SE of this difference is ~0.015
+    assert after - before > 0.05, (before, after)
