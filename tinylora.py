@@ -172,14 +172,14 @@ def top_svd(W, r: int, svd: str = "fast", sign: bool = True):
 class TinyLoRALinear(nn.Module):
     """A frozen nn.Linear plus W' = W + U M(v) Vᵀ. Covers TinyLoRA's three variants and LoRA-XS (P = basis)."""
 
-    def __init__(self, base: nn.Linear, r, P, v, variant="paper", svd="fast", alpha=None):
+    def __init__(self, base: nn.Linear, r, P, v, variant="paper", svd="fast", alpha=None, USV=None):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias  # the same frozen Parameters: state_dict keys unchanged
         self.in_features, self.out_features = base.in_features, base.out_features
         self.enabled = True
         self.variant, self.r, self.u = variant, r, P.shape[0]
         self.scale = 1.0 if alpha is None else alpha / r  # verl's lora_alpha / r (choice 8)
-        U, S, V = top_svd(base.weight, r, svd, sign=variant != "peft")
+        U, S, V = USV or top_svd(base.weight, r, svd, sign=variant != "peft")  # attach() passes them precomputed
         if variant == "peft":  # √Σ on both sides, folded into the frozen factors as PEFT stores them
             U, V = U * S.sqrt(), V * S.sqrt()
         self.register_buffer("U", U, persistent=False)  # (d_out, r)
@@ -456,7 +456,7 @@ def attach(
         params = list(dict.fromkeys(model.parameters()))  # tied weights counted once
         return Adapter(model, settings, [], params, [], fp)
 
-    # 2) one adapter module per target, sharing v by group
+    # 2) the trainable tensors: one v per group
     dev = model.model.embed_tokens.weight.device
     group_of = groups(names, tie, order) if method != "lora" else list(range(len(names)))
     params, modules = [], []
@@ -468,21 +468,37 @@ def attach(
             params = [torch.randn(u, generator=g).mul_(1e-5).to(dev) for _ in range(G)]
         for p in params:
             p.requires_grad_(True)
-    # the fast SVD is a chain of small products and tiny LAPACK calls: on CPU one thread beats two, by a lot on
-    # a busy machine (dev/bench_svd.py measures both)
-    with cpu_threads(1 if dev.type == "cpu" and svd == "fast" else None):
-        for k, name in enumerate(names):
-            base = _get(model, name)
-            if method == "lora":
-                mod = make_lora(base, r, alpha, module_seed(seed, k, "paper"), dev)
-                params += [mod.A, mod.B]
-            else:
-                P = torch.eye(r * r).view(r * r, r, r) if method == "loraxs" else None  # (r², r, r): R = v.view(r, r)
-                P = make_P(u, r, module_seed(seed, k, variant), variant) if P is None else P
-                mod = TinyLoRALinear(base, r, P, params[group_of[k]], variant, svd, alpha)
-            _set(model, name, mod)
-            modules.append((name, mod))
+    # 3) the top-r SVD of every target (the start-up cost), then the modules
+    if method != "lora":
+        svds = top_svds([_get(model, name).weight for name in names], r, svd, sign=variant != "peft")
+    for k, name in enumerate(names):
+        base = _get(model, name)
+        if method == "lora":
+            mod = make_lora(base, r, alpha, module_seed(seed, k, "paper"), dev)
+            params += [mod.A, mod.B]
+        else:
+            P = torch.eye(r * r).view(r * r, r, r) if method == "loraxs" else None  # (r², r, r): R = v.view(r, r)
+            P = make_P(u, r, module_seed(seed, k, variant), variant) if P is None else P
+            mod = TinyLoRALinear(base, r, P, params[group_of[k]], variant, svd, alpha, USV=svds[k])
+        _set(model, name, mod)
+        modules.append((name, mod))
     return Adapter(model, settings, modules, params, group_of, fp)
+
+
+def top_svds(weights, r: int, svd: str = "fast", sign: bool = True, workers: int | None = None):
+    """top_svd of each weight. On CPU the fast path is a chain of small products and tiny LAPACK calls, for
+    which one thread per matrix beats two threads on one matrix (by a lot on a busy machine): so each worker
+    thread takes whole matrices with intra-op threading off. dev/bench_svd.py measures the difference."""
+    if weights[0].device.type != "cpu" or svd != "fast":
+        return [top_svd(W, r, svd, sign) for W in weights]
+    workers = workers or torch.get_num_threads()
+    with cpu_threads(1):
+        if workers == 1:
+            return [top_svd(W, r, svd, sign) for W in weights]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:  # torch releases the GIL inside each op
+            return list(pool.map(lambda W: top_svd(W, r, svd, sign), weights))
 
 
 def make_lora(base: nn.Linear, r: int, alpha: float, seed: int, dev) -> LoRALinear:
