@@ -248,3 +248,15 @@ def test_offline_hub_model_fails_fast(tmp_path, no_model_load, monkeypatch):
         run(["--device", "cpu", "--u", 1, "--tie", 196, "--out", tmp_path / "run"])
     assert "--model DIR" in str(e.value) and "--device cpu" in str(e.value)
     assert time.time() - t < 30
+
+
+def test_off_policy_kl_and_other_loss_flags(tiny, tmp_path):
+    """mu = 2 updates per batch (explicit pi_old), the k3 KL, seq-mean, Dr. GRPO, checkpointing, bf16 storage."""
+    out = tmp_path / "run"
+    flags = ["--mu", 2, "--kl", 0.1, "--agg", "seq-mean", "--no-std", "--grad-checkpointing", "--v-dtype", "bf16"]
+    run(base_args(tiny, out, "--max-steps", 2, "--eval-limit", 1, *flags))
+    steps = records(out)
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in steps)
+    assert steps[1]["kl"] > 0  # v moved after step 1, so the policy differs from the base
+    head = json.loads(open(out / "metrics.jsonl").readline())
+    assert head["update_bytes"] == 4 * 2  # 4 parameters stored in bf16
