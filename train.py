@@ -260,6 +260,42 @@ def set_rng_state(st, gen):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def reference_completions(batch, tok, device):
+    """SFT targets: each reference solution + the end-of-turn token, right-padded -> tokens, mask (B, T)."""
+    import data
+
+    targets = [tok.encode(data.reference_solution(ex)) + tok.stop_ids[:1] for ex in batch]
+    T = max(len(t) for t in targets)
+    tokens = torch.tensor([t + [tok.pad_id] * (T - len(t)) for t in targets], device=device)  # (B, T)
+    mask = torch.tensor([[True] * len(t) + [False] * (T - len(t)) for t in targets], device=device)  # (B, T)
+    return tokens, mask
+
+
+def grade_rollouts(ro, batch, tok, G, kind):
+    """Decode and grade every completion: texts, their examples, grade dicts, rewards (N,)."""
+    import data
+
+    texts = [tok.decode(row[m].tolist()) for row, m in zip(ro.tokens, ro.mask)]
+    exs = [batch[i // G] for i in range(len(texts))]  # prompt-major rows
+    grades = data.grade_many(exs, texts)
+    rewards = torch.tensor([data.reward(ex, text, kind=kind) for ex, text in zip(exs, texts)])
+    return texts, exs, grades, rewards
+
+
+def grpo_metrics(s, ro, grades, rewards, G):
+    """The per-step log from grpo_backward's sums and the graded rollouts."""
+    groups, n = rewards.view(-1, G), max(s["tokens"], 1.0)
+    m = {"loss": s["loss"], "reward": float(rewards.mean())}
+    m |= {"strict": sum(g.get("strict", g["correct"]) for g in grades) / len(grades)}
+    m |= {"flexible": sum(g.get("flexible", g["correct"]) for g in grades) / len(grades)}
+    m |= {"zero_var": float((groups.max(1).values == groups.min(1).values).float().mean())}  # no signal there
+    m |= {"length": float(ro.mask.sum(1).float().mean()), "clip": s["clipped"] / n, "kl": s["kl"] / n}
+    m |= {"w_mean": s["w_sum"] / n, "w_min": s["w_min"], "w_max": s["w_max"]}
+    m |= {"mismatch": s["mismatch_sum"] / n, "mismatch_max": s["mismatch_max"], "n_tokens": int(ro.mask.sum())}
+    m |= {"truncated": sum(f == "length" for f in ro.finish) / len(ro.finish)}
+    return m
+
+
 def fmt_step(step, total, m):
     v = f" | v {m['v']}" if "v" in m else ""
     return (
@@ -402,10 +438,7 @@ def main(argv=None):
 
         if args.algo == "sft":
             # the paper's comparison: next-token loss on the reference solutions, same adapter
-            targets = [tok.encode(data.reference_solution(ex)) + tok.stop_ids[:1] for ex in batch]
-            T = max(len(t) for t in targets)
-            tokens = torch.tensor([t + [tok.pad_id] * (T - len(t)) for t in targets], device=device)
-            mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in targets], device=device).bool()
+            tokens, mask = reference_completions(batch, tok, device)
             t1 = t2 = time.time()
             loss = grpo.sft_backward(
                 model, prompts, tokens, mask, pad_id=tok.pad_id, micro_batch=args.micro_batch, chunk=args.chunk
@@ -432,10 +465,7 @@ def main(argv=None):
             )
             t1 = time.time()
             # 2) grade: reward per completion, strict/flexible accuracy for the log
-            texts = [tok.decode(row[m].tolist()) for row, m in zip(ro.tokens, ro.mask)]
-            exs = [batch[i // args.G] for i in range(len(texts))]
-            grades = data.grade_many(exs, texts)
-            rewards = torch.tensor([data.reward(ex, text, kind=args.reward) for ex, text in zip(exs, texts)])
+            texts, exs, grades, rewards = grade_rollouts(ro, batch, tok, args.G, args.reward)
             adv = grpo.group_advantages(rewards, args.G, std=not args.no_std).to(device)
             t2 = time.time()
             # 3) loss and gradient over micro-batches; counts of the whole (global) batch normalise it
@@ -473,16 +503,7 @@ def main(argv=None):
                 if k < args.mu - 1:
                     torch.nn.utils.clip_grad_norm_(adapter.params, args.grad_clip or float("inf"))
                     opt.step()
-            groups = rewards.view(-1, args.G)
-            tok_n = max(s["tokens"], 1.0)
-            m = {"loss": s["loss"], "reward": float(rewards.mean())}
-            m |= {"strict": sum(g.get("strict", g["correct"]) for g in grades) / len(grades)}
-            m |= {"flexible": sum(g.get("flexible", g["correct"]) for g in grades) / len(grades)}
-            m |= {"zero_var": float((groups.max(1).values == groups.min(1).values).float().mean())}
-            m |= {"length": float(ro.mask.sum(1).float().mean()), "clip": s["clipped"] / tok_n, "kl": s["kl"] / tok_n}
-            m |= {"w_mean": s["w_sum"] / tok_n, "w_min": s["w_min"], "w_max": s["w_max"]}
-            m |= {"mismatch": s["mismatch_sum"] / tok_n, "mismatch_max": s["mismatch_max"], "n_tokens": n_tokens}
-            m |= {"truncated": sum(f == "length" for f in ro.finish) / len(ro.finish)}
+            m = grpo_metrics(s, ro, grades, rewards, args.G)
             samples = [
                 {"question": exs[i]["question"], "completion": texts[i], "reward": float(rewards[i])}
                 for i in range(min(args.log_samples, len(texts)))
