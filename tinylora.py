@@ -32,10 +32,12 @@ implementation does) or *ours* (the paper is silent):
    every layer's k, …) cut into runs of `tie`, so a group is one type in nearby layers (*paper*; how a
    remainder is cut is ours: the last group is short, which keeps the count ceil(n / tie) · u).
 8. Variants: `paper` W + U Σ R Vᵀ; `peft` W + (U√Σ) R (√Σ Vᵀ), P ~ N(0, 1/r) seeded per module, full SVD,
-   raw signs (*ref*: PEFT's TinyLoraConfig); `verl` W + (α/r) U R Σ Vᵀ with R = Σ v_i P_i / √u, P ~ N(0, 1),
-   `torch.svd_lowrank(niter=10)` and v ~ N(0, std 1e-5) (*ref*: the official training code as described to
-   us; we have not read its source, and read "N(0, 1e-5)" as a standard deviation). Note that with q = r the
-   randomized SVD can miss the top-r subspace of real weights by a lot (dev/bench_svd.py prints by how much).
+   raw signs (*ref*: PEFT's TinyLoraConfig; its `weight_tying` fraction makes G groups of n // G with the
+   remainder in the last: the same groups as our `tie` whenever tie divides n); `verl` W + (α/r) U R Σ Vᵀ
+   with R = Σ v_i P_i / √u, P ~ N(0, 1), `torch.svd_lowrank(q=r, niter=10)` and v ~ N(0, std 1e-5) (*ref*: the
+   official training code as described to us; we have not read its source, and read "N(0, 1e-5)" as a
+   standard deviation). With q = r that randomized SVD can miss the top-r subspace of real weights by a lot
+   (dev/bench_svd.py prints by how much).
 9. Baselines: LoRA-XS is the case u = r², P = the standard basis (R itself trains), tie = 1 (*paper*); LoRA has
    A ∈ R^{r×d_in} (kaiming-uniform, as nn.Linear and PEFT), B = 0, ΔW = (α/r) B A with α = r by default so the
    scale is 1 (*ours*); `full` unfreezes every base weight.

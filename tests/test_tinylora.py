@@ -95,10 +95,13 @@ def test_only_adapter_trains(ck, method):
     assert model(IDX).logsumexp(-1).mean() != loss  # and the step did change the model
 
 
-def test_full_finetuning_unfreezes_everything(ck):
+@pytest.mark.parametrize("family,tied", [("qwen2", False), ("llama", True), ("qwen3", False)])
+def test_full_finetuning_unfreezes_everything(make_checkpoint, family, tied):
+    ck = make_checkpoint(family, tied=tied)
     model = fresh(ck)
     adapter = attach(model, method="full")
     assert adapter.num_params() == sum(p.numel() for p in set(model.parameters()))
+    assert all(p.requires_grad for p in model.parameters())
     assert adapter.num_params() == count_params(ck, method="full")
     with pytest.raises(ValueError, match="no base model"):
         with adapter.disabled():
