@@ -187,6 +187,20 @@ def test_paper_counts(model, u, tie, want):
     assert count_params(BUILTIN_CONFIGS[model], u=u, tie=tie) == want
 
 
+@pytest.mark.parametrize(
+    "model,total",  # the parameter totals the Hub reports for each checkpoint: checks the built-in table too
+    [
+        ("Qwen/Qwen2.5-0.5B-Instruct", 494_032_768),
+        ("Qwen/Qwen2.5-1.5B-Instruct", 1_543_714_304),
+        ("Qwen/Qwen2.5-3B-Instruct", 3_085_938_688),
+        ("Qwen/Qwen2.5-7B-Instruct", 7_615_616_512),
+        ("meta-llama/Meta-Llama-3-8B-Instruct", 8_030_261_248),
+    ],
+)
+def test_full_counts_match_the_hub(model, total):
+    assert count_params(BUILTIN_CONFIGS[model], method="full") == total
+
+
 def test_count_cli_offline():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "tinylora.py", "--model", "Qwen/Qwen2.5-7B-Instruct", "--u", "1", "--tie", "16"]
