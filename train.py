@@ -22,21 +22,35 @@ Choices, each marked *paper* ("Learning to Reason in 13 Parameters", GSM8K setup
 6. Checkpoints hold v (all trainable tensors), the optimizer, every RNG and the step; each file is written to a
    temporary name and renamed, so a kill -9 loses at most the steps since the last checkpoint (*ours*).
 7. Evaluation is greedy on the test split (*paper*), before training, every --eval-every steps and at the end.
-8. Data parallel (torchrun) hooks in at three marked places: the step's prompts are split by rank in whole
-   groups, the token/sequence counts are summed over ranks, and the gradients (a few small tensors) are
-   all-reduced before the optimizer step (*ours*; see issue 7).
+8. Data parallel under `torchrun --nproc-per-node N train.py ...` (*ours*; docs/SCALING.md): every rank holds the
+   model and takes a contiguous 1/N of the step's prompts (whole groups), so the global batch is the same for any N;
+   the token count that normalises the loss, the gradients (u numbers for TinyLoRA) and the logged sums are
+   summed over ranks, so every rank applies the same update. Evaluation is sharded over ranks and gathered; rank 0
+   alone prints and writes the run folder. A collective that waits longer than --dist-timeout (a dead or hung
+   rank) stops the job with an error instead of hanging. Without torchrun none of this runs.
+9. Sampling seeds: each sampling call (--sample-batch prompts) re-seeds the generator from (seed, step, index of
+   its first prompt in the step), not from a stream carried across steps (*ours*). So a step's rollouts depend only
+   on the step and the adapter, a resume needs no sampler state, and the run is the same on any number of ranks
+   N for which the per-rank share (prompts-per-step / N) is a multiple of --sample-batch (up to float rounding
+   from different batch shapes). With the default (one call per rank) it differs between N in the draws only,
+   not in distribution.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_KEYS = ("strict", "flexible", "accuracy")  # what eval.evaluate reports (with _lo/_hi 95% bounds)
@@ -102,9 +116,19 @@ p.add_argument("--save-every", type=int, default=10, help="steps between checkpo
 p.add_argument("--log-samples", type=int, default=2, help="completions per step written to metrics.jsonl")
 p.add_argument("--out", default=None, help="run folder (default: runs/<method>-u<u>-tie<tie>-<time>)")
 p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run with its saved settings")
+# data parallel (torchrun --nproc-per-node N train.py ...; choices 8, 9)
+p.add_argument(
+    "--sample-batch",
+    type=int,
+    default=0,
+    help="prompts per sampling call (0: a rank's whole share); the run is "
+    "the same on N ranks when prompts-per-step / N is a multiple of it (choice 9); also bounds the KV cache",
+)
+p.add_argument("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others before failing")
 
 # flags that may differ between a run and its resumption; everything else must match
 RESUMABLE = {"resume", "out", "max_steps", "save_every", "eval_every", "log_samples", "device", "eval_batch_size"}
+RESUMABLE |= {"dist_timeout"}
 
 
 def parse_args(argv=None):
@@ -173,7 +197,7 @@ def model_config(args):
     return None, load_config(os.path.dirname(cfg_path))
 
 
-def check_args(args):
+def check_args(args, stamp=None):
     if args.tie is None:  # the paper's 13 parameters on Qwen2.5-7B for TinyLoRA; no sharing for the baselines
         args.tie = 16 if args.method == "tinylora" else 1
     for name in ("r", "u", "tie", "G", "prompts_per_step", "max_new_tokens", "micro_batch", "chunk", "mu"):
@@ -198,10 +222,12 @@ def check_args(args):
             f"--tie {args.tie} is larger than the {n_modules} adaptable modules of {args.model} "
             f"({cfg.num_hidden_layers} layers x 7); use --tie {n_modules} to share one v across all."
         )
-    out = args.out or os.path.join("runs", f"{args.method}-u{args.u}-tie{args.tie}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = args.out or os.path.join(
+        "runs", f"{args.method}-u{args.u}-tie{args.tie}-{stamp or time.strftime('%Y%m%d-%H%M%S')}"
+    )
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
+        probe = os.path.join(out, f".write-test-{os.getpid()}")  # one per rank under torchrun
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
@@ -219,6 +245,106 @@ def git_revision() -> str:
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# -----------------------------------------------------------------------------
+# data parallel (torchrun): choices 8 and 9. Every helper is a no-op without torchrun.
+
+
+def init_dist(args):
+    """(rank, world, local_rank) from torchrun's environment; (0, 1, 0) for a plain `python train.py`."""
+    if args.sample_batch < 0 or args.dist_timeout <= 0:
+        raise SystemExit("--sample-batch must be >= 0 (0: one call per rank) and --dist-timeout > 0 seconds.")
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    B, K = args.prompts_per_step, args.sample_batch
+    if B % world:
+        raise SystemExit(
+            f"--prompts-per-step {B} does not split evenly over {world} ranks: each rank takes whole groups of an "
+            f"equal share. Use a multiple of {world} (e.g. --prompts-per-step {max(B // world, 1) * world})."
+        )
+    if K and (B // world) % K:
+        raise SystemExit(f"--sample-batch {K} must divide each rank's {B // world} prompts (prompts-per-step / N).")
+    cuda = (args.device or "cuda").startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.dist_timeout))
+    if rank:  # rank 0 alone prints; the others' errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+    return rank, world, local
+
+
+def collective(fn, *a, what, **kw):
+    """Run one torch.distributed call; a dead or hung rank becomes a clear error on the survivors, not a hang."""
+    if not dist.is_initialized():
+        return None
+    try:
+        return fn(*a, **kw)
+    except RuntimeError as e:  # gloo: the peer closed the connection, or --dist-timeout passed
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise SystemExit(
+            f"rank {dist.get_rank()}: {what} failed ({type(e).__name__}: {first}).\n"
+            "Another rank has died or waited past --dist-timeout, so the job stops. Continue from the last "
+            "checkpoint with the same torchrun command and --resume RUN_DIR."
+        ) from None
+
+
+def all_reduce(values, op="sum"):
+    """Sum (or max) a list of floats over ranks in one collective; the values themselves without torchrun."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    collective(dist.all_reduce, t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, what=f"{op} of stats")
+    return t.tolist()
+
+
+def reduce_stats(s):
+    """grpo_backward's sums added over ranks, its extremes (w_min, w_max, mismatch_max) taken over ranks."""
+    ext = ("w_min", "w_max", "mismatch_max")
+    sums = [k for k in s if k not in ext]
+    out = dict(zip(sums, all_reduce([s[k] for k in sums])))
+    hi = all_reduce([-s["w_min"], s["w_max"], s["mismatch_max"]], "max")  # min = -max(-x)
+    return out | {"w_min": -hi[0], "w_max": hi[1], "mismatch_max": hi[2]}
+
+
+def sync_grads(params):
+    """Sum each gradient over ranks: the loss is normalised by global counts, so the sum is the global gradient,
+    identical on every rank, and every rank then clips and steps the same way."""
+    for t in params:
+        if t.grad is None:  # a rank whose loss never reached t still joins the collective
+            t.grad = torch.zeros_like(t)
+        collective(dist.all_reduce, t.grad, what="gradient all-reduce")
+
+
+def same_on_all_ranks(obj):
+    """Rank 0's value of a picklable object on every rank (the run folder's time stamp)."""
+    box = [obj]
+    collective(dist.broadcast_object_list, box, src=0, what="broadcast")
+    return box[0]
+
+
+def sample_seed(seed, step, first):
+    """The generator seed of a sampling call that starts at prompt `first` of `step` (choice 9): a hash, so
+    neighbouring (step, first) pairs get unrelated streams."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{first}".encode()).digest()[:8], "little") >> 1
+
+
+def cat_rollouts(parts, pad_id):
+    """Concatenate Rollouts of several sampling calls (prompt-major rows), right-padding to the longest."""
+    import sample
+
+    if len(parts) == 1:
+        return parts[0]
+    T = max(r.tokens.shape[1] for r in parts)
+    pad = lambda x, v: torch.cat([x, x.new_full((x.shape[0], T - x.shape[1]), v)], 1)  # noqa: E731  (n, T)
+    return sample.Rollouts(
+        prompts=[p for r in parts for p in r.prompts],
+        tokens=torch.cat([pad(r.tokens, pad_id) for r in parts]),  # (N, T)
+        mask=torch.cat([pad(r.mask, False) for r in parts]),
+        logp=torch.cat([pad(r.logp, 0.0) for r in parts]),
+        finish=[f for r in parts for f in r.finish],
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -309,8 +435,9 @@ def fmt_step(step, total, m):
 
 def main(argv=None):
     args = parse_args(argv)
+    rank, world, local = init_dist(args)  # choice 8: (0, 1, 0) without torchrun
     print(json.dumps(vars(args), indent=1))
-    path, cfg = check_args(args)
+    path, cfg = check_args(args, stamp=same_on_all_ranks(time.strftime("%Y%m%d-%H%M%S")))  # one run folder
 
     # -------------------------------------------------------------------------
     # data (before the model: an unknown dataset fails in seconds)
@@ -340,6 +467,7 @@ def main(argv=None):
     from model import Tokenizer, load_model
 
     device = args.device or "cuda"
+    device = f"cuda:{local}" if world > 1 and device == "cuda" else device  # one GPU per rank
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -370,8 +498,7 @@ def main(argv=None):
     if args.grad_checkpointing:
         grpo.use_grad_checkpointing(model)
     opt = torch.optim.AdamW(adapter.params, lr=args.lr, weight_decay=args.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    rank, world = 0, 1  # choice 8 (torchrun): rank / world size from torch.distributed
+    gen = torch.Generator(device=device).manual_seed(args.seed)  # re-seeded per sampling call (choice 9)
 
     # -------------------------------------------------------------------------
     # run folder: args, metrics, checkpoints
@@ -388,12 +515,15 @@ def main(argv=None):
         start = st["step"]
         # drop what was logged after the checkpoint: those steps run again
         kept = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= start]
-        write_atomic("".join(kept), metrics_path, lambda s, f: open(f, "w").write(s))
+        if rank == 0:  # every rank loaded the same checkpoint; one writes the run folder
+            write_atomic("".join(kept), metrics_path, lambda s, f: open(f, "w").write(s))
         print(f"resumed {out} at step {start}/{total}")
-    else:
+    elif rank == 0:
         json.dump(vars(args), open(os.path.join(out, "args.json"), "w"), indent=1)
         head = {"event": "start", "step": 0, "args": vars(args), "git": git_revision(), "trainable": n}
-        append_jsonl(metrics_path, head | {"update_bytes": nbytes, "steps": total})
+        append_jsonl(metrics_path, head | {"update_bytes": nbytes, "steps": total, "world": world})
+    for t in adapter.params:  # choice 8: every rank starts from rank 0's tensors (they agree already; this makes sure)
+        collective(dist.broadcast, t.data, src=0, what="parameter broadcast")
 
     def save(step):
         meta = {"step": step, "model": args.model}
@@ -407,16 +537,31 @@ def main(argv=None):
         eval_dir = os.path.join(out, "eval")
         os.makedirs(eval_dir, exist_ok=True)
         t0 = time.time()
+        path = os.path.join(eval_dir, f"step{step:06d}.jsonl")
+        # choice 8: rank r evaluates examples r, r+N, ... into a local file; rank 0 gathers them in order
+        shard = path if world == 1 else os.path.join(tempfile.gettempdir(), f"tinylora-eval-{os.getpid()}.jsonl")
         res = evaluation.evaluate(
             model,
             tok,
-            evalset,
+            evalset[rank::world],
             batch_size=args.eval_batch_size,
             max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
-            out_path=os.path.join(eval_dir, f"step{step:06d}.jsonl"),
+            out_path=shard,
             reward=args.reward,
             style=args.prompt_style,
+            progress=rank == 0,
         )
+        if world > 1:
+            rows = [json.loads(line) for line in open(shard, encoding="utf-8")]
+            os.remove(shard)
+            shards = [None] * world if rank == 0 else None
+            collective(dist.gather_object, rows, shards, dst=0, what="evaluation gather")
+            if rank:
+                return
+            rows = [shards[i % world][i // world] for i in range(len(evalset))]  # the dataset's order
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            write_atomic(text, path, lambda s, f: open(f, "w", encoding="utf-8").write(s))
+            res = evaluation.summarize(rows, args.reward)
         res = {k: v for k, v in res.items() if isinstance(v, (int, float, str, bool))}
         append_jsonl(metrics_path, {"event": "eval", "step": step, "t_eval": time.time() - t0} | res)
         shown = [f"{k} {res[k]:.3f} [{res[k + '_lo']:.3f}, {res[k + '_hi']:.3f}]" for k in EVAL_KEYS if k in res]
@@ -428,11 +573,12 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # the loop: sample -> grade -> loss -> step -> log -> eval -> checkpoint
 
-    bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True)
+    bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True, disable=rank > 0)
     for step in bar:
         t0 = time.time()
         batch, _ = step_examples(train, step, B, args.seed)
-        batch = batch[rank::world]  # choice 8: whole groups stay on one rank
+        first = rank * (B // world)  # choice 8: this rank's contiguous share; whole groups stay on one rank
+        batch = batch[first : first + B // world]
         prompts = [tok.apply_chat_template(data.build_messages(ex, **style)) for ex in batch]
         opt.zero_grad(set_to_none=True)
 
@@ -440,36 +586,43 @@ def main(argv=None):
             # the paper's comparison: next-token loss on the reference solutions, same adapter
             tokens, mask = reference_completions(batch, tok, device)
             t1 = t2 = time.time()
-            loss = grpo.sft_backward(
-                model, prompts, tokens, mask, pad_id=tok.pad_id, micro_batch=args.micro_batch, chunk=args.chunk
-            )
+            n_tokens = int(all_reduce([float(mask.sum())])[0])  # choice 8: the global count normalises the loss
+            kw = dict(pad_id=tok.pad_id, micro_batch=args.micro_batch, chunk=args.chunk, n_tokens=n_tokens)
+            loss = all_reduce([grpo.sft_backward(model, prompts, tokens, mask, **kw)])[0]
             m = {"loss": loss, "reward": float("nan"), "strict": float("nan"), "flexible": float("nan")}
-            m |= {"zero_var": float("nan"), "length": float(mask.sum(1).float().mean()), "clip": 0.0, "kl": 0.0}
-            m |= {"w_mean": 1.0, "w_min": 1.0, "w_max": 1.0, "mismatch": 0.0, "n_tokens": int(mask.sum())}
+            m |= {"zero_var": float("nan"), "length": n_tokens / B, "clip": 0.0, "kl": 0.0}
+            m |= {"w_mean": 1.0, "w_min": 1.0, "w_max": 1.0, "mismatch": 0.0, "n_tokens": n_tokens}
             samples = []
         else:
-            # 1) sample G completions per prompt with the current adapter
+            # 1) sample G completions per prompt with the current adapter, --sample-batch prompts per call, each
+            #    call seeded by its first prompt's index in the step (choice 9)
             model.eval()
-            ro = sample.generate(
-                model,
-                prompts,
-                G=args.G,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                stop_ids=tok.stop_ids,
-                pad_id=tok.pad_id,
-                generator=gen,
-                mode=args.sample_mode,
-            )
+            K, parts = args.sample_batch or len(prompts), []
+            for i in range(0, len(prompts), K):
+                gen.manual_seed(sample_seed(args.seed, step, first + i))
+                parts.append(
+                    sample.generate(
+                        model,
+                        prompts[i : i + K],
+                        G=args.G,
+                        max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature,
+                        top_k=args.top_k,
+                        top_p=args.top_p,
+                        stop_ids=tok.stop_ids,
+                        pad_id=tok.pad_id,
+                        generator=gen,
+                        mode=args.sample_mode,
+                    )
+                )
+            ro = cat_rollouts(parts, tok.pad_id)
             t1 = time.time()
             # 2) grade: reward per completion, strict/flexible accuracy for the log
             texts, exs, grades, rewards = grade_rollouts(ro, batch, tok, args.G, args.reward)
             adv = grpo.group_advantages(rewards, args.G, std=not args.no_std).to(device)
             t2 = time.time()
             # 3) loss and gradient over micro-batches; counts of the whole (global) batch normalise it
-            n_tokens, n_seqs = int(ro.mask.sum()), len(texts)  # choice 8: all-reduce these under torchrun
+            n_tokens, n_seqs = int(all_reduce([float(ro.mask.sum())])[0]), B * args.G  # choice 8: global counts
             kw = dict(
                 pad_id=tok.pad_id,
                 micro_batch=args.micro_batch,
@@ -501,14 +654,19 @@ def main(argv=None):
                     opt.zero_grad(set_to_none=True)
                 s = grpo.grpo_backward(model, adapter, ro.prompts, ro.tokens, ro.mask, adv, ro.logp, old_logp=old, **kw)
                 if k < args.mu - 1:
+                    sync_grads(adapter.params)
                     torch.nn.utils.clip_grad_norm_(adapter.params, args.grad_clip or float("inf"))
                     opt.step()
-            m = grpo_metrics(s, ro, grades, rewards, args.G)
+            m = grpo_metrics(reduce_stats(s), ro, grades, rewards, args.G) | {"n_tokens": n_tokens}
+            if world > 1:  # every rank has B/N prompts, so a global mean over rows or groups = the mean of ranks' means
+                keys = ("reward", "strict", "flexible", "zero_var", "length", "truncated")
+                m |= dict(zip(keys, (x / world for x in all_reduce([m[k] for k in keys]))))
             samples = [
                 {"question": exs[i]["question"], "completion": texts[i], "reward": float(rewards[i])}
                 for i in range(min(args.log_samples, len(texts)))
             ]
-        # 4) the update (choice 8: all-reduce each p.grad here under torchrun)
+        # 4) the update: gradients summed over ranks (choice 8), so every rank clips and steps the same way
+        sync_grads(adapter.params)
         gnorm = torch.nn.utils.clip_grad_norm_(adapter.params, args.grad_clip or float("inf"))
         opt.step()
         t3 = time.time()
@@ -518,9 +676,10 @@ def main(argv=None):
         m |= {"t_step": t3 - t0, "tok_per_s": m["n_tokens"] / max(t1 - t0, 1e-9) if args.algo == "grpo" else 0.0}
         if n <= 16:
             m["v"] = [round(x, 6) for t in adapter.params for x in t.detach().flatten().tolist()]
-        tqdm.write(fmt_step(step + 1, total, m))
-        bar.set_postfix(reward=f"{m['reward']:.3f}")
-        append_jsonl(metrics_path, {"event": "step", "step": step + 1} | m | {"samples": samples})
+        if rank == 0:  # choice 8: one log (rank 0's timings, the global batch's metrics)
+            tqdm.write(fmt_step(step + 1, total, m))
+            bar.set_postfix(reward=f"{m['reward']:.3f}")
+            append_jsonl(metrics_path, {"event": "step", "step": step + 1} | m | {"samples": samples})
 
         # -- evaluate, checkpoint
         done = step + 1
@@ -529,11 +688,15 @@ def main(argv=None):
         if done % args.save_every == 0 or done == total:
             if done == total:
                 run_eval(done)
-            save(done)
+            if rank == 0:
+                save(done)
+            collective(dist.barrier, what="checkpoint barrier")  # no rank runs ahead of a half-written checkpoint
     bar.close()
     if start >= total:
         print(f"nothing to do: the run is already at step {start}/{total}")
     print(f"done: {out} (adapter.safetensors, metrics.jsonl; plot with `python plot.py {out}`)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
