@@ -175,7 +175,7 @@ def test_pack_layout():
     assert am.tolist() == [[True] * 4, [False, True, True, False]]
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 1000])
+@pytest.mark.parametrize("chunk", [3, 1000])
 def test_chunked_logprobs_equal_plain_values_and_grads(make_checkpoint, chunk):
     model = tiny_model(make_checkpoint)
     V = model.cfg.vocab_size
