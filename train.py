@@ -66,7 +66,7 @@ p = argparse.ArgumentParser(
 p.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="local HF folder or Hub id")
 p.add_argument("--data", default="gsm8k", help="training set: a name known to data/ or a local .jsonl/.parquet")
 p.add_argument("--eval-data", default=None, help="evaluation set (default: the test split of --data)")
-p.add_argument("--prompt-style", default=None, help="prompt format from data/ (default: its default)")
+p.add_argument("--prompt-style", default=None, choices=["gsm8k", "boxed", "plain"], help="default: the dataset's")
 p.add_argument("--device", default=None, help="cuda | cpu (default: cuda; on a machine without one, say --device cpu)")
 p.add_argument(
     "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default bf16 on GPU, fp32 on CPU"
@@ -77,7 +77,7 @@ p.add_argument("--r", type=int, default=2, help="rank of the frozen SVD (and of 
 p.add_argument("--u", type=int, default=1, help="length of each trainable vector v")
 p.add_argument("--tie", type=int, default=None, help="modules sharing one v (default: 16 for tinylora, else 1)")
 p.add_argument("--order", default="tiled", choices=["tiled", "structured"], help="which modules share a v")
-p.add_argument("--variant", default="paper", help="tinylora variant (see tinylora.py)")
+p.add_argument("--variant", default="paper", choices=["paper", "peft", "verl"], help="see tinylora.py choice 8")
 p.add_argument("--v-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="v's storage in the saved file")
 p.add_argument("--alpha", type=float, default=None, help="LoRA scale (method lora only)")
 # algorithm
@@ -89,7 +89,7 @@ p.add_argument("--max-new-tokens", type=int, default=4096)
 p.add_argument("--temperature", type=float, default=1.0)
 p.add_argument("--top-p", type=float, default=1.0)
 p.add_argument("--top-k", type=int, default=0)
-p.add_argument("--reward", default="strict", help="reward kind from data/ (strict: exact match after ####)")
+p.add_argument("--reward", default="strict", choices=["strict", "flexible"], help="strict: the number after ####")
 p.add_argument("--kl", type=float, default=0.0, help="beta, weight of the k3 KL to the base (adapter off)")
 p.add_argument("--eps-low", type=float, default=0.2, help="clip ratio below 1 - eps_low")
 p.add_argument("--eps-high", type=float, default=0.2, help="clip ratio above 1 + eps_high (DAPO: 0.28)")
@@ -104,7 +104,7 @@ p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (
 p.add_argument("--micro-batch", type=int, default=16, help="rollouts per forward/backward (memory, not math)")
 p.add_argument("--chunk", type=int, default=4096, help="tokens per lm_head chunk in the loss")
 p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
-p.add_argument("--sample-mode", default="auto", help="sampler adapter path: auto | torch | triton | merged")
+p.add_argument("--sample-mode", default="auto", choices=["auto", "torch", "triton", "merged"], help="see sample.py")
 # run
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs)")
