@@ -266,7 +266,7 @@ def init_dist(args):
         )
     if K and (B // world) % K:
         raise SystemExit(f"--sample-batch {K} must divide each rank's {B // world} prompts (prompts-per-step / N).")
-    cuda = (args.device or "cuda").startswith("cuda")
+    cuda = (args.device or "cuda").startswith("cuda") and torch.cuda.is_available()  # else check_args explains
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.dist_timeout))

@@ -168,3 +168,10 @@ def test_prompts_must_split_evenly_over_ranks(setup, tmp_path):
     r, _ = launch(setup, tmp_path / "dump", argv, nproc=2)
     assert r.returncode != 0 and "--prompts-per-step 3 does not split evenly over 2 ranks" in r.stderr
     assert not (tmp_path / "dump").joinpath("rank0.jsonl").exists()  # stopped before any training
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_torchrun_without_a_gpu_explains_instead_of_crashing(setup, tmp_path):
+    argv = [a for a in train_argv(setup, tmp_path / "run") if a not in ("--device", "cpu")]  # GPU by default
+    r, _ = launch(setup, tmp_path / "dump", argv, nproc=2)
+    assert r.returncode != 0 and "No CUDA GPU found" in r.stderr and "--device cpu" in r.stderr, r.stderr[-2000:]
