@@ -13,8 +13,9 @@ Choices, each marked *paper* ("Learning to Reason in 13 Parameters", GSM8K setup
    headline 13 parameters (*paper*).
 2. lr = 2e-4 (*ours*, inside the paper's sweep 1e-7..2e-4, at its top): with Adam each step moves v by about lr,
    and v is in units of the top singular values (dW = U S (sum v_i P_i) V^T), so 3 epochs (~350 steps) can move
-   the top directions by at most ~7%; the fewer the parameters, the larger the lr they need to change behaviour.
-   Tiny models/runs on CPU need more (docs/RESULTS.md used 1e-2).
+   the top directions by at most ~7%, the scale at which behaviour changes. Larger is dangerous: one Adam step
+   at lr 0.1 (v = 0.1 everywhere) wrecked SmolLM2-135M, and Adam's momentum then carried v on for ~10 more
+   steps without any gradient; short CPU runs on small models used 1e-2 (docs/RESULTS.md).
 3. AdamW without weight decay, constant lr, gradient-norm clip 1.0 (*ours*; the paper does not say).
 4. One optimisation step per batch (mu = 1): the update is on-policy and grpo.py skips the pi_old forward (*ours*).
 5. Data order: a fresh permutation of the training set per epoch from --seed; the last partial batch of an epoch
