@@ -74,6 +74,8 @@ def run_ours(args) -> dict:
     n_modules = len(tinylora.TARGETS) * model.cfg.num_hidden_layers
     adapter = tinylora.attach(model, method="tinylora", r=2, u=4, tie=n_modules, seed=args.seed)
     setup = time.perf_counter() - t0
+    if args.grad_checkpointing:
+        grpo.use_grad_checkpointing(model)
     opt = torch.optim.AdamW(adapter.params, lr=1e-3)
     questions = load_questions(args.prompts * (args.steps + 1))
     gen = torch.Generator().manual_seed(args.seed)
@@ -93,7 +95,7 @@ def run_ours(args) -> dict:
         adv = grpo.group_advantages(rewards, args.G)
         opt.zero_grad(set_to_none=True)
         grpo.grpo_backward(model, adapter, ro.prompts, ro.tokens, ro.mask, adv, ro.logp, pad_id=tok.pad_id,
-                           micro_batch=args.prompts * args.G)  # fmt: skip
+                           micro_batch=args.micro_batch, chunk=args.chunk)  # fmt: skip
         opt.step()
         t3 = time.perf_counter()
         n_tok = int(ro.mask.sum())
@@ -190,6 +192,9 @@ def main():
     p.add_argument("--G", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--micro-batch", type=int, default=4, help="ours: rollouts per forward/backward (memory)")
+    p.add_argument("--chunk", type=int, default=512, help="ours: tokens per lm_head chunk in the loss")
+    p.add_argument("--grad-checkpointing", action="store_true", help="ours: recompute blocks in backward")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
