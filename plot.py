@@ -50,7 +50,9 @@ def plot(runs, out, k=5):
             a.plot(x, smooth(y, k), color=c, lw=1.8, label=f"{name} train {key}")
         y = [r["strict"] for r in steps]
         ax[1].plot(x, smooth(y, k), color=c, lw=1.2, ls=":", label=f"{name} train strict")
-        for j, key in enumerate(kk for kk in EVAL_KEYS if evals and kk in evals[0]):
+        keys = [kk for kk in EVAL_KEYS if evals and kk in evals[0]]
+        keys = [kk for kk in keys if not (kk == "accuracy" and "strict" in keys)]  # GSM8K: accuracy repeats one
+        for j, key in enumerate(keys):
             ex = [r["step"] for r in evals]
             ax[1].plot(ex, [r[key] for r in evals], color=c, marker="os^d"[j], ls=["-", "--", "-.", ":"][j],
                        label=f"{name} eval {key}")  # fmt: skip
