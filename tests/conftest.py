@@ -175,3 +175,15 @@ def smollm2() -> Path:
             if not (dest / "model.safetensors").exists():
                 build_smollm2(dest)
     return dest
+
+
+def write_addition_data(folder: Path, seed: int = 0, n_train: int = 24, n_test: int = 6) -> Path:
+    """Single-digit additions in GSM8K format (train.jsonl / test.jsonl); the tiny tokenizer knows this text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for a, b in torch.randint(0, 5, (n, 2), generator=g).tolist():
+                row = {"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}.\n#### {a + b}"}
+                f.write(json.dumps(row) + "\n")
+    return folder

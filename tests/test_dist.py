@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_addition_data
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -46,15 +47,7 @@ train.main(sys.argv[1:])
 
 
 def write_data(folder: Path) -> Path:
-    """Single-digit additions in GSM8K format (the tiny tokenizer knows digits and these words)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(1)
-    for split, n in (("train", 16), ("test", 5)):
-        with open(folder / f"{split}.jsonl", "w") as f:
-            for a, b in torch.randint(0, 5, (n, 2), generator=g).tolist():
-                row = {"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}.\n#### {a + b}"}
-                f.write(json.dumps(row) + "\n")
-    return folder
+    return write_addition_data(folder, seed=1, n_train=16, n_test=5)
 
 
 @pytest.fixture(scope="module")

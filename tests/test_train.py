@@ -14,21 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_addition_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("t_sample", "t_grade", "t_train", "t_step", "tok_per_s", "t_eval")
 
 
 def write_data(folder: Path) -> Path:
-    """Single-digit additions in GSM8K format; the tiny tokenizer was trained on this kind of text."""
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 24), ("test", 6)):
-        with open(folder / f"{split}.jsonl", "w") as f:
-            for a, b in torch.randint(0, 5, (n, 2), generator=g).tolist():
-                row = {"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}.\n#### {a + b}"}
-                f.write(json.dumps(row) + "\n")
-    return folder
+    return write_addition_data(folder, seed=0, n_train=24, n_test=6)
 
 
 @pytest.fixture(scope="module")
