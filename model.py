@@ -279,6 +279,22 @@ class Transformer(nn.Module):
 # loading
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One short connection attempt to the Hub (HF_ENDPOINT), False under HF_HUB_OFFLINE: huggingface_hub itself
+    retries for ~25 s before giving up, and every caller here would rather fail fast or use its local cache."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def resolve(name_or_path: str) -> str:
     """A local folder as is; otherwise a Hub id, downloading only the files we read."""
     name_or_path = os.path.expanduser(name_or_path)
@@ -292,7 +308,7 @@ def resolve(name_or_path: str) -> str:
 
     patterns = ["*.json", "*.safetensors", "*.jinja"]
     try:
-        return snapshot_download(name_or_path, allow_patterns=patterns)
+        return snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=not hub_reachable())
     except Exception as e:  # offline, gated, or unknown id: say what to do instead of a traceback
         raise SystemExit(
             f"could not download {name_or_path!r} from the Hugging Face Hub ({type(e).__name__}: {e}).\n"

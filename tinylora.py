@@ -671,18 +671,6 @@ BUILTIN_CONFIGS = {
 BUILTIN_CONFIGS["meta-llama/Llama-3.1-8B-Instruct"] = BUILTIN_CONFIGS["meta-llama/Meta-Llama-3-8B-Instruct"]
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def read_config(name_or_path):
     """(Config, where it came from) for a Config, a config dict, a local folder, or a Hub id (config.json only)."""
     from model import Config
@@ -697,7 +685,9 @@ def read_config(name_or_path):
     try:
         from huggingface_hub import hf_hub_download
 
-        offline = not _hub_reachable()  # else huggingface_hub retries for ~30 s before giving up
+        from model import hub_reachable
+
+        offline = not hub_reachable()  # else huggingface_hub retries for ~30 s before giving up
         with open(hf_hub_download(name_or_path, "config.json", local_files_only=offline)) as f:
             return Config.from_dict(json.load(f)), f"the Hub's {name_or_path}/config.json"
     except Exception as e:

@@ -43,7 +43,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from model import hub_reachable
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_KEYS = ("strict", "flexible", "accuracy")  # what eval.evaluate reports (with _lo/_hi 95% bounds)
@@ -156,15 +157,6 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # checks before anything slow: bad values, no GPU, offline, unwritable output
-
-
-def hub_reachable(timeout=3.0) -> bool:
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 OFFLINE_HELP = (
