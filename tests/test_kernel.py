@@ -77,7 +77,7 @@ def check_interpret():
             # reference in float64 from the (rounded) inputs, the three-line adapter: x Wᵀ + b + ((x V) Mᵀ) Uᵀ
             x64, W64 = xd.double(), Wd.double()
             ref = x64 @ W64.T + (0 if bd is None else bd.double()) + ((x64 @ V.double()) @ Mr.double().T) @ U.double().T
-            A = (V @ Mr.T).contiguous()  # what adapters_for_sampling precomputes
+            A = (V @ Mr.T).contiguous()  # what sampling_forwards precomputes
             y = sample.lowrank_linear_triton(xd, Wd, bd, A, U.contiguous())
             assert y.dtype == dtype and y.shape == (M, N)
             err = (y.double() - ref).abs().max().item() / ref.abs().max().item()

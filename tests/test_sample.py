@@ -122,7 +122,7 @@ def test_filter_semantics_on_crafted_logits():
     torch.testing.assert_close(z.softmax(-1), ref)
 
 
-def test_gumbel_draw_has_the_filtered_frequencies():
+def test_draw_has_the_filtered_frequencies():
     p = torch.tensor([0.1, 0.5, 0.05, 0.25, 0.1])
     logits = p.log().expand(40000, 5)
     g = torch.Generator().manual_seed(0)
@@ -204,6 +204,62 @@ def test_triton_mode_without_gpu_or_interpreter_is_refused(qwen2, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="CUDA|triton"):
         sample.generate(qwen2, [[1, 2, 3]], max_new_tokens=4, mode="triton")
+
+
+# -----------------------------------------------------------------------------
+# the CPU path: oneDNN-prepacked weights, sibling projections in one matmul
+
+needs_onednn = pytest.mark.skipif(
+    not sample.onednn_packs(torch.float32), reason="this torch build cannot prepack fp32 weights for oneDNN"
+)
+
+
+@needs_onednn
+def test_packed_siblings_equal_separate_linears_in_float64():
+    g = torch.Generator().manual_seed(0)
+    K = 40
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    parts = [  # an adapted linear with bias, a plain one without, an adapted one without bias
+        (rnd(16, K), rnd(16), rnd(K, 2), rnd(16, 2)),
+        (rnd(8, K), None, None, None),
+        (rnd(24, K), None, rnd(K, 3), rnd(24, 3)),
+    ]
+
+    def ref(i, x):  # each linear on its own, in float64
+        W, b, A, U = (t.double() if t is not None else None for t in parts[i])
+        y = torch.nn.functional.linear(x.double(), W, b)
+        return y if A is None else y + (x.double() @ A) @ U.T
+
+    packed = sample.PackedLinears(parts, rows=6)
+    x = rnd(2, 3, K)  # (B, T, K)
+    for i in (2, 0, 1, 0):  # any order, and a sibling asked twice recomputes
+        y = packed.part(i, x)
+        assert y.shape == (2, 3, parts[i][0].shape[0])
+        torch.testing.assert_close(y.double(), ref(i, x), atol=1e-4, rtol=1e-5)
+    x2 = rnd(2, 3, K)
+    torch.testing.assert_close(packed.part(0, x2).double(), ref(0, x2), atol=1e-4, rtol=1e-5)
+    x2.mul_(3)  # the same tensor changed in place: its siblings must not get the stale outputs
+    torch.testing.assert_close(packed.part(1, x2).double(), ref(1, x2), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(packed.part(2, x2).double(), ref(2, x2), atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+def test_packed_cpu_path_swaps_every_linear_and_matches_the_torch_path(qwen2, adapted):
+    n_linears = 7 * qwen2.cfg.num_hidden_layers + 1  # q k v o gate up down per layer, and the head
+    ids = torch.tensor(PROMPTS[0])[None]
+    with torch.no_grad():
+        for model in (qwen2, adapted[0]):
+            ref = model(ids)
+            with sample.sampling_forwards(model, "auto", rows=4) as n:
+                got = model(ids)
+            assert n == n_linears
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            with sample.sampling_forwards(model, "torch", rows=4) as n:  # the plain path packs nothing
+                assert n == (0 if model is qwen2 else n_linears - 1)  # ... and swaps only the adapter modules
+    a = gen(qwen2, G=2, max_new_tokens=12, mode="auto")
+    b = gen(qwen2, G=2, max_new_tokens=12, mode="torch")
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.logp, b.logp, atol=1e-5, rtol=0)
 
 
 # -----------------------------------------------------------------------------
