@@ -277,38 +277,49 @@ class PackedLinears:
 
     `part(i)` is module i's forward. The first sibling called with an input computes every sibling's output; the
     others, called with the same tensor (same object, unmodified), take their slice; once each has taken it the
-    outputs are dropped. The low-rank path is fp32 as in lowrank_linear_torch (zero blocks add exactly).
+    outputs are dropped. The low-rank path is fp32 as in lowrank_linear_torch (zero blocks add exactly); with fp32
+    weights x A is computed by the same matmul, as R extra rows of W.
     """
 
     def __init__(self, parts, rows: int):
         W = torch.cat([p[0] for p in parts])  # (Nout, K), Nout = the siblings' outputs side by side
-        self.Wp = torch.ops.mkldnn._reorder_linear_weight(W, rows)  # oneDNN's blocked layout for `rows` rows of x
         sizes = [p[0].shape[0] for p in parts]
         self.bounds = [sum(sizes[:i]) for i in range(len(parts) + 1)]
-        self.b = None
+        b = None
         if any(p[1] is not None for p in parts):
-            self.b = torch.cat([p[1] if p[1] is not None else W.new_zeros(n) for p, n in zip(parts, sizes)])
-        self.A = self.U = None
+            b = torch.cat([p[1] if p[1] is not None else W.new_zeros(n) for p, n in zip(parts, sizes)])
+        self.A = self.Ut = None
         low = [(i, A, U) for i, (_, _, A, U) in enumerate(parts) if A is not None]
         if low:
             self.A = torch.cat([A for _, A, _ in low], 1)  # (K, R), R = the siblings' ranks summed
-            self.U = torch.zeros(W.shape[0], self.A.shape[1], dtype=self.A.dtype)  # (Nout, R) block-diagonal
+            self.Ut = torch.zeros(self.A.shape[1], W.shape[0], dtype=self.A.dtype)  # (R, Nout): blockdiag(U_i)ᵀ
             c = 0
             for i, _, U in low:
-                self.U[self.bounds[i] : self.bounds[i + 1], c : c + U.shape[1]] = U
+                self.Ut[c : c + U.shape[1], self.bounds[i] : self.bounds[i + 1]] = U.T
                 c += U.shape[1]
+        # fp32 weights: s = x A rides along as R extra output columns of the same matmul (fp32 either way)
+        self.fold = self.A is not None and W.dtype == self.A.dtype
+        if self.fold:
+            W = torch.cat([W, self.A.T])  # (Nout + R, K)
+            b = None if b is None else torch.cat([b, b.new_zeros(self.A.shape[1])])
+        self.Wp = torch.ops.mkldnn._reorder_linear_weight(W, rows)  # oneDNN's blocked layout for `rows` rows of x
+        self.b = b
         self.x = self.y = None
         self.waiting = set()  # siblings that have not yet taken their slice of y
 
     def __call__(self, x):
-        y = torch.ops.mkldnn._linear_pointwise(x, self.Wp, self.b, "none", [None], "")  # (..., Nout)
-        if self.A is not None:
+        y = torch.ops.mkldnn._linear_pointwise(x, self.Wp, self.b, "none", [None], "")  # (..., Nout [+ R])
+        if self.A is None:
+            return y
+        N = self.bounds[-1]
+        y2 = y.view(-1, y.shape[-1])  # (M, Nout [+ R])
+        if self.fold:
+            s, y = y2[:, N:].clone(), y[..., :N]  # (M, R) fp32 (a copy: addmm_ may not read what it writes)
+            y2[:, :N].addmm_(s, self.Ut)
+        else:  # 16-bit packed weights: the low-rank path stays fp32, added after the cast
             s = x.reshape(-1, x.shape[-1]).to(self.A.dtype) @ self.A  # (M, R) fp32
-            if y.dtype == self.A.dtype:
-                y.view(-1, y.shape[-1]).addmm_(s, self.U.T)
-            else:
-                y += (s @ self.U.T).view(y.shape).to(y.dtype)
-        return y
+            y += (s @ self.Ut).view(y.shape).to(y.dtype)
+        return y  # (..., Nout)
 
     def part(self, i: int, x):
         if len(self.bounds) == 2:  # a lone linear: nothing to share

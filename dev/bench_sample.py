@@ -7,7 +7,9 @@ Benchmarks for sample.py; every ratio is measured within one run.
     python dev/bench_sample.py --what sampler    # GPU: decode tokens/s vs the bandwidth roofline, adapter on vs off
 
 cpu: both sides generate 128 forced new tokens (no stop) for the same 16 chat prompts at temperature 1, no top-k/p,
-fp32, `--threads` threads; they alternate (ours, hf, ours, hf, ...) so a machine that gets busier hurts both alike.
+fp32, `--threads` threads; they alternate (ours, ours + adapter, ours with mode="torch", hf, ours, ...) so a machine
+that gets busier hurts all alike. mode="torch" is our sampler with plain F.linear instead of the oneDNN-packed CPU
+path; "+ adapter" has a TinyLoRA adapter with v != 0 on every projection (off, it computes the base linear exactly).
 mismatch: an adapter with v != 0 on SmolLM2; sample with the fused path and with merged bf16 weights, then score the
 same tokens with the training forward (the adapter modules' own forward over whole sequences).
 kernel / sampler: random weights at the real shapes (no download). The sampler benchmark uses a stand-in rank-2
@@ -16,6 +18,8 @@ U, M, V came from, and an SVD of 196 7B matrices would take minutes.
 """
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
 import time
@@ -118,9 +122,19 @@ def bench_cpu(args):
         f"{args.threads} threads"
     )
 
-    def run_ours(seed, T=T):
+    import tinylora
+
+    adapter = tinylora.attach(ours)  # r=2, u=1, one v per module; disabled it computes the base linear exactly
+    with torch.no_grad():
+        for v in adapter.params:
+            v.fill_(1e-2)
+
+    def run_ours(seed, T=T, mode="auto", adapter_on=False):
         g = torch.Generator().manual_seed(seed)
-        out = sample.generate(ours, prompts, max_new_tokens=T, temperature=1.0, pad_id=tok.pad_id, generator=g)
+        with contextlib.nullcontext() if adapter_on else adapter.disabled():
+            out = sample.generate(
+                ours, prompts, max_new_tokens=T, temperature=1.0, pad_id=tok.pad_id, generator=g, mode=mode
+            )
         assert out.mask.all() and out.tokens.shape == (args.batch, T)
 
     def run_hf(seed, T=T):
@@ -139,10 +153,17 @@ def bench_cpu(args):
             )
         assert out.shape == (args.batch, L + T)
 
-    times = {"ours": [], "transformers": []}
-    run_ours(0, T=4), run_hf(0, T=4)  # warm-up
+    runs = {
+        "ours": run_ours,
+        "ours + adapter": functools.partial(run_ours, adapter_on=True),
+        "ours, mode=torch": functools.partial(run_ours, mode="torch"),
+        "transformers": run_hf,
+    }
+    times = {k: [] for k in runs}
+    for fn in runs.values():  # warm-up
+        fn(0, T=4)
     for rep in range(args.reps):
-        for name, fn in (("ours", run_ours), ("transformers", run_hf)):
+        for name, fn in runs.items():
             t0 = time.perf_counter()
             fn(rep + 1)
             times[name].append(time.perf_counter() - t0)
@@ -150,16 +171,18 @@ def bench_cpu(args):
     tps = {k: args.batch * T / min(v) for k, v in times.items()}  # best of reps: the least disturbed run
     for k, v in times.items():
         print(
-            f"{k:>13}: {tps[k]:7.1f} tokens/s (best of {len(v)}: {min(v):.2f} s; "
+            f"{k:>16}: {tps[k]:7.1f} tokens/s (best of {len(v)}: {min(v):.2f} s; "
             f"all: {', '.join(f'{t:.2f}' for t in v)})"
         )
     print(f"ratio ours / transformers: {tps['ours'] / tps['transformers']:.2f}x")
-    # the same run with an adapter attached (fused torch path on CPU)
-    what = attach(ours, scale=1e-2)
-    t0 = time.perf_counter()
-    run_ours(99)
-    dt = time.perf_counter() - t0
-    print(f"ours with adapter ({what}): {args.batch * T / dt:.1f} tokens/s ({dt:.2f} s, one run)")
+    print(
+        f"ratio ours / ours with plain torch linears (the packed path's share): "
+        f"{tps['ours'] / tps['ours, mode=torch']:.2f}x"
+    )
+    print(
+        f"adapter on / off (TinyLoRA r=2 on all {len(adapter.modules)} projections, v = 0.01): "
+        f"{tps['ours + adapter'] / tps['ours']:.3f}x"
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -306,14 +329,18 @@ def bench_sampler(args):
                     m.enabled = adapter == "on"
                 g = torch.Generator("cuda").manual_seed(0)
                 prompts = torch.randint(0, Vocab, (batch, ctx), generator=g, device="cuda").tolist()
-                times = []
-                for n in (n1, n2):  # per-step decode time = difference of two runs / extra steps (prefill cancels)
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    sample.generate(model, prompts, max_new_tokens=n, generator=g)
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-                step = (times[1] - times[0]) / (n2 - n1)
+                sample.generate(model, prompts, max_new_tokens=2, generator=g)  # warm-up: Triton compiles, allocator
+                steps = []
+                for _ in range(2):  # per-step decode time = difference of two runs / extra steps (prefill cancels)
+                    times = []
+                    for n in (n1, n2):
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        sample.generate(model, prompts, max_new_tokens=n, generator=g)
+                        torch.cuda.synchronize()
+                        times.append(time.perf_counter() - t0)
+                    steps.append((times[1] - times[0]) / (n2 - n1))
+                step = min(steps)
                 kv_bytes = 2 * L * batch * Hkv * (ctx + (n1 + n2) // 2) * D * 2  # keys + values read per step
                 gb = (w_bytes + kv_bytes) / 1e9
                 print(

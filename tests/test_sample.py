@@ -215,14 +215,15 @@ needs_onednn = pytest.mark.skipif(
 
 
 @needs_onednn
-def test_packed_siblings_equal_separate_linears_in_float64():
+@pytest.mark.parametrize("low_dtype", [torch.float32, torch.float64])  # x A folded into the matmul, or separate
+def test_packed_siblings_equal_separate_linears_in_float64(low_dtype):
     g = torch.Generator().manual_seed(0)
     K = 40
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    rnd = lambda *s, dtype=torch.float32: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     parts = [  # an adapted linear with bias, a plain one without, an adapted one without bias
-        (rnd(16, K), rnd(16), rnd(K, 2), rnd(16, 2)),
+        (rnd(16, K), rnd(16), rnd(K, 2, dtype=low_dtype), rnd(16, 2, dtype=low_dtype)),
         (rnd(8, K), None, None, None),
-        (rnd(24, K), None, rnd(K, 3), rnd(24, 3)),
+        (rnd(24, K), None, rnd(K, 3, dtype=low_dtype), rnd(24, 3, dtype=low_dtype)),
     ]
 
     def ref(i, x):  # each linear on its own, in float64
@@ -231,16 +232,19 @@ def test_packed_siblings_equal_separate_linears_in_float64():
         return y if A is None else y + (x.double() @ A) @ U.T
 
     packed = sample.PackedLinears(parts, rows=6)
+    assert packed.fold == (low_dtype == torch.float32)
     x = rnd(2, 3, K)  # (B, T, K)
     for i in (2, 0, 1, 0):  # any order, and a sibling asked twice recomputes
         y = packed.part(i, x)
-        assert y.shape == (2, 3, parts[i][0].shape[0])
+        assert y.shape == (2, 3, parts[i][0].shape[0]) and y.dtype == torch.float32
         torch.testing.assert_close(y.double(), ref(i, x), atol=1e-4, rtol=1e-5)
     x2 = rnd(2, 3, K)
     torch.testing.assert_close(packed.part(0, x2).double(), ref(0, x2), atol=1e-4, rtol=1e-5)
     x2.mul_(3)  # the same tensor changed in place: its siblings must not get the stale outputs
     torch.testing.assert_close(packed.part(1, x2).double(), ref(1, x2), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(packed.part(2, x2).double(), ref(2, x2), atol=1e-4, rtol=1e-5)
+    lone = sample.PackedLinears(parts[:1], rows=6)  # a lone adapted linear: its own output columns only
+    torch.testing.assert_close(lone.part(0, x).double(), ref(0, x), atol=1e-4, rtol=1e-5)
 
 
 @needs_onednn
