@@ -1,7 +1,8 @@
 """
 The Triton fused adapter-matmul in sample.py, on CPU: (1) under TRITON_INTERPRET=1 against a float64 PyTorch reference
 at odd shapes and through `generate`; (2) compiled ahead of time for a Hopper GPU (sm_90), which enforces the shape and
-resource rules the interpreter does not (tl.dot dims >= 16, shared memory). Run: `python -m pytest -q
+resource rules the interpreter does not (tl.dot dims >= 16, shared memory); (3) on a machine with a CUDA GPU, compiled
+for real against float64 with every config bucket and at 7B shapes, and through `generate`. Run: `python -m pytest -q
 tests/test_kernel.py`.
 
 Both run in a subprocess (this file run as a script): TRITON_INTERPRET must be set before triton is first imported,
@@ -14,9 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("triton", reason="triton is not installed (it ships with torch on Linux)")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: these run the kernel compiled")
 
 # (M, N, K, r, bias): M = 1 decode; M, N, K off the tiles; N = 512; one shape per config bucket of sample.CONFIGS
 SHAPES = [
@@ -54,11 +57,28 @@ def test_every_kernel_configuration_compiles_for_hopper():
     assert "compiled" in out, out
 
 
+@needs_gpu
+def test_kernel_compiled_on_the_gpu_matches_float64_with_every_config():
+    out = run_self("gpu", interpret=False)
+    assert out.count("ok") == (len(SHAPES) + len(REAL_SHAPES)) * 3, out
+
+
+@needs_gpu
+def test_generate_on_the_gpu_with_the_kernel_equals_the_torch_path():
+    out = run_self("gpu-generate", interpret=False)
+    assert "ok" in out, out
+
+
 # -----------------------------------------------------------------------------
 # what the subprocess runs
 
 
-def check_interpret():
+REAL_SHAPES = [(M, N, 3584, 2, bias) for M in (1, 64, 4096) for N, bias in ((3584, True), (512, False))]  # 7B
+
+
+def check_kernel(device="cpu"):
+    """The kernel against float64 at SHAPES: under the interpreter on CPU; compiled on a GPU, also at Qwen2.5-7B
+    shapes and with every config bucket of sample.CONFIGS forced, not only the one pick_config chooses."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -66,26 +86,31 @@ def check_interpret():
 
     g = torch.Generator().manual_seed(0)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative to the output's scale
-    for M, N, K, r, has_bias in SHAPES:
+    for M, N, K, r, has_bias in SHAPES + (REAL_SHAPES if device == "cuda" else []):
         W = torch.randn(N, K, generator=g) / K**0.5
         b = torch.randn(N, generator=g) if has_bias else None
         x = torch.randn(M, K, generator=g)
         U, V = torch.randn(N, r, generator=g), torch.randn(K, r, generator=g) / K**0.5
         Mr = torch.randn(r, r, generator=g)
+        W, b, x, U, V, Mr = (t if t is None else t.to(device) for t in (W, b, x, U, V, Mr))
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             xd, Wd, bd = x.to(dtype), W.to(dtype), None if b is None else b.to(dtype)
             # reference in float64 from the (rounded) inputs, the three-line adapter: x Wᵀ + b + ((x V) Mᵀ) Uᵀ
             x64, W64 = xd.double(), Wd.double()
             ref = x64 @ W64.T + (0 if bd is None else bd.double()) + ((x64 @ V.double()) @ Mr.double().T) @ U.double().T
             A = (V @ Mr.T).contiguous()  # what sampling_forwards precomputes
-            y = sample.lowrank_linear_triton(xd, Wd, bd, A, U.contiguous())
-            assert y.dtype == dtype and y.shape == (M, N)
-            err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
-            assert err < tol[dtype], f"{(M, N, K, r, dtype)}: relative error {err:.2e}"
+            configs = [None]  # pick_config's choice
+            if device == "cuda":
+                configs += [sample.pick_config(max_m or 4096, dtype) for max_m, *_ in sample.CONFIGS]
+            for cfg in configs:
+                y = sample.lowrank_linear_triton(xd, Wd, bd, A, U.contiguous(), config=cfg)
+                assert y.dtype == dtype and y.shape == (M, N)
+                err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
+                assert err < tol[dtype], f"{(M, N, K, r, dtype, cfg)}: relative error {err:.2e}"
             print("ok", M, N, K, r, dtype, f"{err:.1e}")
 
 
-def check_generate():
+def check_generate(device="cpu"):
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -99,10 +124,10 @@ def check_generate():
     from model import load_model
 
     with tempfile.TemporaryDirectory() as d:
-        model = load_model(str(write_checkpoint(Path(d), "qwen2")), device="cpu")
+        model = load_model(str(write_checkpoint(Path(d), "qwen2")), dtype=torch.float32, device=device)
     attach(model)
     a, b = (
-        sample.generate(model, PROMPTS, G=2, max_new_tokens=6, generator=torch.Generator().manual_seed(0), mode=m)
+        sample.generate(model, PROMPTS, G=2, max_new_tokens=6, generator=torch.Generator(device).manual_seed(0), mode=m)
         for m in ("torch", "triton")
     )
     assert torch.equal(a.tokens, b.tokens), (a.tokens, b.tokens)
@@ -152,4 +177,6 @@ def compile_one(triton, fn, sig, constexprs, options, target):
 
 
 if __name__ == "__main__":
-    {"interpret": check_interpret, "generate": check_generate, "aot": check_aot}[sys.argv[1]]()
+    checks = {"interpret": check_kernel, "generate": check_generate, "aot": check_aot}
+    checks |= {"gpu": lambda: check_kernel("cuda"), "gpu-generate": lambda: check_generate("cuda")}
+    checks[sys.argv[1]]()
