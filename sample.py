@@ -37,13 +37,14 @@ Choices, each marked *paper* (what the paper's stack did) or *ours*:
    sync, so on CUDA it runs every SYNC_EVERY steps (*ours*). torch.compile / CUDA graphs for the decode step are not
    used: they need a static attended length, which conflicts with attending over the live length only, and could not
    be measured here.
-
 10. On CPU every linear runs through oneDNN with its weight prepacked for the decode batch, and sibling projections
    that read the same input (q/k/v, gate/up) run as one matmul over their concatenated weights (*ours*). At 16 rows
-   a decode step streams every weight once and plain `F.linear` reaches ~5 GB/s of the ~19 GB/s this machine reads;
-   the packed layout is 1.3-2x faster. The packed copy is made per generate call and dropped after it: sampling
-   holds the weights twice (the base weights may change between calls, e.g. method="full"). Same math in fp32;
-   oneDNN sums in another order than MKL, which the sampler-vs-trainer bound (1e-5 in log-prob) covers.
+   a decode step streams every weight once; plain `F.linear` reaches 2.5-4 GB/s of the ~14-16 GB/s a plain read
+   gets on the 2-core machine, the packed layout 5.5-6 GB/s (`dev/bench_sample.py --what gemm`). The packed copy
+   is made per generate call and dropped after it, so sampling holds the weights twice (the base weights may
+   change between calls, e.g. method="full"). Same math in fp32, but oneDNN sums in another order than the
+   trainer's MKL: on SmolLM2 (30 layers) the sampler-vs-trainer max |Δ log p| is 4-6e-5 against 2e-5 with
+   mode="torch" (plain F.linear); the tiny test model stays within 1e-5 either way.
 
 Letters: N rows (= prompts × G), P prompts, G samples per prompt, T new tokens, S cache slots, Lp padded prompt
 length, V vocab, M rows of x in a linear, K = d_in, Nout = d_out, r the adapter rank.

@@ -2,6 +2,7 @@
 Benchmarks for sample.py; every ratio is measured within one run.
 
     python dev/bench_sample.py --what cpu        # ours vs transformers generate, SmolLM2-135M-Instruct, batch 16
+    python dev/bench_sample.py --what gemm       # CPU: one decode step's matmuls, streamed: GB/s of each library
     python dev/bench_sample.py --what mismatch   # sampler vs trainer log-probs: fused path vs merged bf16 weights
     python dev/bench_sample.py --what kernel     # GPU: fused adapter-matmul vs cuBLAS F.linear, Qwen2.5-7B shapes
     python dev/bench_sample.py --what sampler    # GPU: decode tokens/s vs the bandwidth roofline, adapter on vs off
@@ -185,6 +186,45 @@ def bench_cpu(args):
     )
 
 
+def bench_gemm(args):
+    """The matmuls of one decode step on CPU: `--batch` rows through every linear of the model in turn, so the weights
+    stream from memory as they do while sampling (a loop over one cache-resident weight would overstate the rate)."""
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, dtype=torch.float32, device="cpu")
+    lins = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    Ws = [m.weight.detach() for m in lins]
+    nbytes = sum(W.numel() for W in Ws) * 4
+    xs = {K: torch.randn(args.batch, K) for K in {W.shape[1] for W in Ws}}
+
+    def best(fn, reps=5):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t = {"read every weight once (sum)": best(lambda: [W.sum() for W in Ws])}
+    t["F.linear (MKL), one per projection"] = best(lambda: [F.linear(xs[W.shape[1]], W) for W in Ws])
+    Wn, xn = [W.numpy() for W in Ws], {K: x.numpy() for K, x in xs.items()}
+    t["numpy x @ W.T (its bundled BLAS)"] = best(lambda: [xn[W.shape[1]] @ W.T for W in Wn])
+    packed = [torch.ops.mkldnn._reorder_linear_weight(W, args.batch) for W in Ws]
+    lin = torch.ops.mkldnn._linear_pointwise
+    t["oneDNN packed, one per projection"] = best(
+        lambda: [lin(xs[W.shape[1]], P, None, "none", [None], "") for W, P in zip(Ws, packed)]
+    )
+    packed.clear()  # free the copies before the fused ones are made
+    groups = [
+        (g[0].weight.shape[1], sample.PackedLinears([sample.sampling_weights(m, "auto") for m in g], args.batch))
+        for g in sample.packed_groups(model)
+    ]
+    t["oneDNN packed, q/k/v and gate/up fused (sample.py)"] = best(lambda: [p(xs[K]) for K, p in groups])
+    print(f"{len(Ws)} weights, {nbytes / 1e6:.0f} MB fp32, x = {args.batch} rows, {args.threads} threads (best of 5)")
+    for k, v in t.items():
+        print(f"{k:>52}: {v * 1e3:7.1f} ms  {nbytes / v / 1e9:5.1f} GB/s")
+
+
 # -----------------------------------------------------------------------------
 # mismatch: sampler vs trainer log-probs
 
@@ -213,10 +253,18 @@ def bench_mismatch(args):
         "|Δ| = |sampler logp - trainer logp|"
     )
     print(f"{'dtype':>8} {'mode':>7} {'tokens':>7} {'p95 |Δ|':>10} {'max |Δ|':>10} {'ratio outside [0.9,1.1]':>24}")
+
+    def row(dtype, name, d):
+        outside = ((d.exp() > 1.1) | ((-d).exp() < 0.9)).float().mean()  # |Δ| -> the ratio exp(±Δ)
+        print(
+            f"{str(dtype)[6:]:>8} {name:>7} {d.numel():7d} {d.quantile(0.95):10.2e} {d.max():10.2e} "
+            f"{100 * outside:23.2f}%"
+        )
+
     for dtype in (torch.float32, torch.bfloat16):
         model = load_model(args.model, dtype=dtype, device="cpu")
         what = attach(model, scale=args.scale)
-        for mode in ("auto", "merged"):
+        for mode in ("auto", "torch", "merged"):  # auto on CPU: the oneDNN-packed path where the dtype allows it
             g = torch.Generator().manual_seed(0)
             out = sample.generate(
                 model,
@@ -228,14 +276,21 @@ def bench_mismatch(args):
                 stop_ids=tok.stop_ids,
                 pad_id=tok.pad_id,
             )
-            d = (out.logp[out.mask] - trainer_logp(model, out, tok.pad_id)).abs().double()
-            outside = ((d.exp() > 1.1) | ((-d).exp() < 0.9)).float().mean()  # |Δ| -> the ratio exp(±Δ)
-            name = "fused" if mode == "auto" else "merged"
-            print(
-                f"{str(dtype)[6:]:>8} {name:>7} {d.numel():7d} {d.quantile(0.95):10.2e} {d.max():10.2e} "
-                f"{100 * outside:23.2f}%"
-            )
+            ref = trainer_logp(model, out, tok.pad_id)
+            row(dtype, {"auto": "fused", "torch": "plain", "merged": "merged"}[mode], (out.logp[out.mask] - ref).abs())
+            if mode == "auto":  # the trainer against itself: the same rows scored one at a time instead of batched
+                one = [
+                    trainer_logp(
+                        model, sample.Rollouts([p], out.tokens[i : i + 1], out.mask[i : i + 1], None, []), tok.pad_id
+                    )
+                    for i, p in enumerate(out.prompts)
+                ]
+                row(dtype, "floor", (torch.cat(one) - ref).abs())
     print(f"adapter: {what}")
+    print(
+        "fused: mode auto (on CPU the oneDNN-packed path for fp32); plain: mode torch (F.linear + the low-rank term);"
+    )
+    print("merged: W + ΔW rounded to bf16; floor: the training forward, batched vs one row at a time (no sampler)")
 
 
 # -----------------------------------------------------------------------------
@@ -353,7 +408,7 @@ def bench_sampler(args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", choices=("cpu", "mismatch", "kernel", "sampler"), default="cpu")
+    p.add_argument("--what", choices=("cpu", "gemm", "mismatch", "kernel", "sampler"), default="cpu")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF folder for cpu/mismatch (the test-cache SmolLM2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=16, help="cpu/mismatch: prompts")
@@ -368,4 +423,6 @@ if __name__ == "__main__":
     args = p.parse_args()
     if args.what in ("kernel", "sampler") and not torch.cuda.is_available():
         raise SystemExit(f"--what {args.what} needs a CUDA GPU (none visible to torch here)")
-    {"cpu": bench_cpu, "mismatch": bench_mismatch, "kernel": bench_kernel, "sampler": bench_sampler}[args.what](args)
+    benches = {"cpu": bench_cpu, "gemm": bench_gemm, "mismatch": bench_mismatch}
+    benches |= {"kernel": bench_kernel, "sampler": bench_sampler}
+    benches[args.what](args)
