@@ -42,7 +42,8 @@ Choices, each marked *paper* (what the paper's stack did) or *ours*:
    a decode step streams every weight once; plain `F.linear` reaches 2.5-4 GB/s of the ~14-16 GB/s a plain read
    gets on the 2-core machine, the packed layout 5.5-6 GB/s (`dev/bench_sample.py --what gemm`). The packed copy
    is made per generate call and dropped after it, so sampling holds the weights twice (the base weights may
-   change between calls, e.g. method="full"). Same math in fp32, but oneDNN sums in another order than the
+   change between calls, e.g. method="full"); where that copy would take over half the free memory, the plain path
+   runs with a warning. Same math in fp32, but oneDNN sums in another order than the
    trainer's MKL: on SmolLM2 (30 layers) the sampler-vs-trainer max |Δ log p| is 4-6e-5 against 2e-5 with
    mode="torch" (plain F.linear); the tiny test model stays within 1e-5 either way.
 
@@ -53,6 +54,7 @@ length, V vocab, M rows of x in a linear, K = d_in, Nout = d_out, r the adapter 
 import argparse
 import functools
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -366,9 +368,31 @@ def packed_groups(model):
     return groups + [[model.lm_head]]
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux's MemAvailable); None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kb * 1024
+
+
 def uses_onednn(model, mode: str) -> bool:
+    """The packed CPU path (choice 10), unless its copy of the weights would take over half the free memory."""
     W = model.model.embed_tokens.weight
-    return mode == "auto" and W.device.type == "cpu" and onednn_packs(W.dtype)
+    if not (mode == "auto" and W.device.type == "cpu" and onednn_packs(W.dtype)):
+        return False
+    need = sum(m.weight.numel() * m.weight.element_size() for g in packed_groups(model) for m in g)
+    free = available_memory()
+    if free is not None and need > free / 2:
+        warnings.warn(
+            f"sampling with plain F.linear: packing the weights for oneDNN would copy {need / 2**30:.1f} GiB with "
+            f"{free / 2**30:.1f} GiB free (pass mode='torch' to silence this)",
+            stacklevel=4,  # attributed to the line in generate() that swaps the forwards
+        )
+        return False
+    return True
 
 
 # -----------------------------------------------------------------------------

@@ -266,6 +266,18 @@ def test_packed_cpu_path_swaps_every_linear_and_matches_the_torch_path(qwen2, ad
     torch.testing.assert_close(a.logp, b.logp, atol=1e-5, rtol=0)
 
 
+@needs_onednn
+def test_packed_path_steps_aside_when_memory_is_short(qwen2, monkeypatch):
+    with sample.sampling_forwards(qwen2, "auto", rows=4) as n:
+        assert n > 0
+    monkeypatch.setattr(sample, "available_memory", lambda: 1000)  # 1 kB free: the copy would not fit
+    with pytest.warns(UserWarning, match="plain F.linear"):
+        with sample.sampling_forwards(qwen2, "auto", rows=4) as n:
+            assert n == 0
+        out = gen(qwen2, max_new_tokens=4)
+    assert out.mask.all()
+
+
 # -----------------------------------------------------------------------------
 # sampler vs trainer with an adapter attached
 
