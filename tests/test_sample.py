@@ -267,6 +267,24 @@ def test_packed_cpu_path_swaps_every_linear_and_matches_the_torch_path(qwen2, ad
 
 
 @needs_onednn
+@pytest.mark.parametrize(
+    "method, kw", [("lora", dict(r=4)), ("loraxs", {}), ("full", {}), ("tinylora", dict(u=3, tie=2))]
+)
+def test_packed_path_equals_plain_path_for_every_adapter_method(make_checkpoint, method, kw):
+    import tinylora
+
+    model = load_model(str(make_checkpoint("qwen3")), device="cpu")  # q/k norms read the fused q/k slices
+    adapter = tinylora.attach(model, method=method, **kw)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter.params:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    a, b = (gen(model, G=2, max_new_tokens=8, mode=m) for m in ("auto", "torch"))
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.logp, b.logp, atol=1e-5, rtol=0)
+
+
+@needs_onednn
 def test_packed_path_steps_aside_when_memory_is_short(qwen2, monkeypatch):
     with sample.sampling_forwards(qwen2, "auto", rows=4) as n:
         assert n > 0
