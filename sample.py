@@ -430,9 +430,9 @@ def sampling_forwards(model, mode="auto", rows=1):
                     for i, m in enumerate(group):
                         m.forward = functools.partial(packed.part, i)
                         swapped.append(m)
-            packed = set(swapped)
+            done = set(swapped)
             for m in model.modules():  # adapter modules not packed above (every one, off the oneDNN path)
-                if m in packed or not (callable(getattr(m, "lowrank", None)) and getattr(m, "enabled", True)):
+                if m in done or not (callable(getattr(m, "lowrank", None)) and getattr(m, "enabled", True)):
                     continue
                 W, b, A, U = sampling_weights(m, mode)
                 if A is None:  # merged
