@@ -11,8 +11,8 @@ cpu: both sides generate 128 forced new tokens (no stop) for the same 16 chat pr
 fp32, `--threads` threads; they alternate (ours, ours + adapter, ours with mode="torch", hf, ours, ...) so a machine
 that gets busier hurts all alike. mode="torch" is our sampler with plain F.linear instead of the oneDNN-packed CPU
 path; "+ adapter" has a TinyLoRA adapter with v != 0 on every projection (off, it computes the base linear exactly).
-mismatch: an adapter with v != 0 on SmolLM2; sample with the fused path and with merged bf16 weights, then score the
-same tokens with the training forward (the adapter modules' own forward over whole sequences).
+mismatch: an adapter with v != 0 on SmolLM2; sample with the fused path, the plain torch path and merged bf16 weights,
+then score the same tokens with the training forward (the adapter modules' own forward over whole sequences).
 kernel / sampler: random weights at the real shapes (no download). The sampler benchmark uses a stand-in rank-2
 adapter with random orthonormal U, V that follows tinylora.py's contract: the kernel's cost does not depend on where
 U, M, V came from, and an SVD of 196 7B matrices would take minutes.
@@ -191,8 +191,7 @@ def bench_gemm(args):
     stream from memory as they do while sampling (a loop over one cache-resident weight would overstate the rate)."""
     torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype=torch.float32, device="cpu")
-    lins = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    Ws = [m.weight.detach() for m in lins]
+    Ws = [m.weight.detach() for m in model.modules() if isinstance(m, nn.Linear)]
     nbytes = sum(W.numel() for W in Ws) * 4
     xs = {K: torch.randn(args.batch, K) for K in {W.shape[1] for W in Ws}}
 
@@ -209,11 +208,8 @@ def bench_gemm(args):
     t["F.linear (MKL), one per projection"] = best(lambda: [F.linear(xs[W.shape[1]], W) for W in Ws])
     Wn, xn = [W.numpy() for W in Ws], {K: x.numpy() for K, x in xs.items()}
     t["numpy x @ W.T (its bundled BLAS)"] = best(lambda: [xn[W.shape[1]] @ W.T for W in Wn])
-    packed = [torch.ops.mkldnn._reorder_linear_weight(W, args.batch) for W in Ws]
-    lin = torch.ops.mkldnn._linear_pointwise
-    t["oneDNN packed, one per projection"] = best(
-        lambda: [lin(xs[W.shape[1]], P, None, "none", [None], "") for W, P in zip(Ws, packed)]
-    )
+    packed = [(W.shape[1], sample.PackedLinears([(W, None, None, None)], args.batch)) for W in Ws]
+    t["oneDNN packed, one per projection"] = best(lambda: [p(xs[K]) for K, p in packed])
     packed.clear()  # free the copies before the fused ones are made
     groups = [
         (g[0].weight.shape[1], sample.PackedLinears([sample.sampling_weights(m, "auto") for m in g], args.batch))
