@@ -129,6 +129,33 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
+# a block's linears, described once: adapters target them, counts and memory plans read their shapes, the CPU
+# sampler fuses each sibling group (linears that read the same input). A family with other names edits only this.
+
+SIBLINGS = (  # (parent module, linears reading the same input), in checkpoint order
+    ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    ("self_attn", ("o_proj",)),
+    ("mlp", ("gate_proj", "up_proj")),
+    ("mlp", ("down_proj",)),
+)
+LINEARS = tuple(n for _, names in SIBLINGS for n in names)  # q, k, v, o, gate, up, down
+PARENT = {n: parent for parent, names in SIBLINGS for n in names}
+
+
+def linear_path(layer: int, name: str) -> str:
+    """The module path (= checkpoint key prefix) of a block linear: model.layers.3.self_attn.q_proj."""
+    return f"model.layers.{layer}.{PARENT[name]}.{name}"
+
+
+def linear_shapes(cfg: "Config") -> dict:
+    """(d_out, d_in) of each block linear, from the config alone."""
+    C, I = cfg.hidden_size, cfg.intermediate_size
+    Hd, Kd = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"q_proj": (Hd, C), "k_proj": (Kd, C), "v_proj": (Kd, C), "o_proj": (C, Hd),
+            "gate_proj": (I, C), "up_proj": (I, C), "down_proj": (C, I)}  # fmt: skip
+
+
+# -----------------------------------------------------------------------------
 # the network
 
 
