@@ -32,8 +32,9 @@ Choices, each marked *ref* (what the dataset's own evaluation does) or *ours*:
 6. `style` is stamped into every example (*ours*), so the prompt (data/prompts.py) and the graders that depend on
    the format (data/graders.py) always read the same style; None keeps each set's default: "gsm8k" for GSM8K,
    "qwen-boxed" for MATH-style sets (*official*: the paper's MATH prompt, SimpleRL's qwen-boxed).
-7. Training's response length is a property of the task (*official*: 3,072 tokens in the paper's MATH script; 4,096
-   for GSM8K as the paper reports), so an evaluation can default to the length the model was trained to answer in.
+7. Training's response length is a property of the task (*official*: 3,072 tokens in the paper's MATH scripts, 4,096
+   in its 8-GPU GSM8K script and train.py's default; its 1-4 GPU GSM8K examples use 1,024), so an evaluation can
+   default to the length the model was trained to answer in.
 8. The MATH suite is the paper's seven MATH benchmarks (*paper*; the SimpleRL harness's names): MATH500, Minerva,
    OlympiadBench, AIME24, AMC23, GAOKAO 2023 (en), CollegeMath. A local copy is one folder per benchmark, named as
    here, each holding test.jsonl (like ../shared/data).
@@ -333,4 +334,4 @@ def default_eval_set(train_name: str) -> tuple[str, str]:
 
 def response_tokens(examples) -> int:
     """Training's response length for these examples' task (choice 7): 4,096 for GSM8K, 3,072 for MATH-style sets."""
-    return max(RESPONSE_TOKENS[ex.get("grader", "math")] for ex in examples)
+    return max((RESPONSE_TOKENS[ex.get("grader", "math")] for ex in examples), default=max(RESPONSE_TOKENS.values()))

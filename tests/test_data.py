@@ -430,6 +430,7 @@ def test_default_eval_set_and_response_length():
     gsm = data.load_dataset("gsm8k", path=str(FIX / "gsm8k_mini.jsonl"))
     math = data.load_dataset("math500", path=str(FIX / "math_mini.jsonl"))
     assert data.response_tokens(gsm) == 4096 and data.response_tokens(math) == 3072
+    assert data.response_tokens(gsm + math) == 4096 and data.response_tokens([]) == 4096  # a rank's empty shard
 
 
 SUITE_FIXTURES = {
