@@ -300,9 +300,9 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     net, tok = M.load_model(args.model, dtype=dtype, device=args.device), M.Tokenizer(args.model)
     if args.adapter:
-        import tinylora
+        import export
 
-        tinylora.load_adapter(args.adapter, net)
+        export.load_adapter(args.adapter, net)
     # 3) generate, grade, report
     t0 = time.time()
     template_vars = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking}

@@ -596,9 +596,9 @@ if __name__ == "__main__":
     args = p.parse_args()
     model, tok = load_model(args.model), Tokenizer(args.model)
     if args.adapter:
-        import tinylora
+        import export
 
-        tinylora.load_adapter(args.adapter, model)
+        export.load_adapter(args.adapter, model)
     dev = model.model.embed_tokens.weight.device
     ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
     out = generate(

@@ -22,7 +22,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tinylora  # noqa: E402
+from export import BUILTIN_CONFIGS, read_config  # noqa: E402
 from model import load_model  # noqa: E402
+from svd import canonical_sign, cpu_threads, top_svd, top_svd_krylov, top_svds  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--model", default=None, help="checkpoint folder (default: the smollm2 test fixture's cache)")
@@ -53,11 +55,11 @@ print(f"{path}: {len(Ws)} matrices ({n_params / 1e6:.1f}M weights), r={args.r}, 
 print(f"CPU: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (other processes share them)")
 
 # ----------------------------------------------------------------------------- the reference: fp64 full SVD
-with tinylora.cpu_threads(1):
+with cpu_threads(1):
     ref = []
     for W in Ws:
         U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-        U, V = tinylora.canonical_sign(U[:, : args.r], Vh[: args.r].T)
+        U, V = canonical_sign(U[:, : args.r], Vh[: args.r].T)
         ref.append((U, S[: args.r], V))
 
 # ----------------------------------------------------------------------------- time each method
@@ -67,18 +69,18 @@ methods = args.svd.split(",")
 for svd in methods:
     for nt in [int(t) for t in args.threads.split(",")]:
         info = {}
-        with tinylora.cpu_threads(nt):
+        with cpu_threads(nt):
             t0, c0 = time.perf_counter(), time.process_time()
             if svd == "fast" and nt > 1:  # what attach() does: nt worker threads, one matrix each, 1 thread inside
-                out = tinylora.top_svds(Ws, args.r, "fast", workers=nt)
+                out = top_svds(Ws, args.r, "fast", workers=nt)
             elif svd == "fast":
                 out = []
                 for W in Ws:  # the same call top_svd makes, with the product counter
-                    U, S, V = tinylora.top_svd_krylov(W.float(), args.r, **tol, info=info)
-                    U, V = tinylora.canonical_sign(U, V)
+                    U, S, V = top_svd_krylov(W.float(), args.r, **tol, info=info)
+                    U, V = canonical_sign(U, V)
                     out.append((U, S, V))
             else:
-                out = [tinylora.top_svd(W, args.r, svd) for W in Ws]
+                out = [top_svd(W, args.r, svd) for W in Ws]
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         results[(svd, nt)] = dt
         if svd == "fast" and info:
@@ -109,7 +111,7 @@ dt, cpu = time.perf_counter() - t0, time.process_time() - c0
 print(f"attach(model) end to end (svd=fast, {len(adapter.modules)} modules): {dt:.2f} s wall, {cpu:.2f} s CPU")
 
 # ----------------------------------------------------------------------------- the plan for 7B on a GPU
-cfg = tinylora.read_config(tinylora.BUILTIN_CONFIGS["Qwen/Qwen2.5-7B-Instruct"])[0]
+cfg = read_config(BUILTIN_CONFIGS["Qwen/Qwen2.5-7B-Instruct"])[0]
 C, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
 H, Hkv = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
 shapes = [(H, C), (Hkv, C), (Hkv, C), (C, H), (I, C), (I, C), (C, I)] * cfg.num_hidden_layers
