@@ -234,7 +234,7 @@ def positive_int(s: str) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate with strict/flexible/official (GSM8K) or boxed (MATH) grading.")
     p.add_argument("--model", required=True, help="local Hugging Face folder or Hub id")
-    p.add_argument("--adapter", default=None, help="a tinylora adapter file (tinylora.load_adapter)")
+    p.add_argument("--adapter", default=None, help="a tinylora adapter file (export.load_adapter)")
     # data
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--dataset", default=None, help=f"one of {', '.join(data.DATASETS)}, or a local file")

@@ -57,7 +57,7 @@ def group_advantages(rewards: torch.Tensor, G: int, std: bool = True, eps: float
     return adv.view(-1)
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", n_tokens=None, n_seqs=None, norm=None):
+def aggregate(x: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", *, n_tokens=None, n_seqs=None, norm=None):
     """Reduce per-token values (N, T) to a scalar (choice 2). n_tokens / n_seqs are the counts of the whole
     batch this micro-batch belongs to (default: this one), so micro-batch results add up (choice 3)."""
     m = mask.float()
@@ -90,6 +90,7 @@ def policy_loss(
     old_logp,
     adv,
     mask,
+    *,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     agg: str = "token-mean",
@@ -111,7 +112,7 @@ def policy_loss(
         pg = pg * weight
     kl = torch.zeros_like(logp) if ref_logp is None else kl_k3(logp, ref_logp)
     per_token = pg + beta * kl if beta else pg
-    loss = aggregate(per_token, mask, agg, n_tokens, n_seqs, norm)
+    loss = aggregate(per_token, mask, agg, n_tokens=n_tokens, n_seqs=n_seqs, norm=norm)
     stats = {"clipped": (clipped < unclipped).detach() & mask, "kl": kl.detach()}  # where the clip binds
     return loss, stats
 
@@ -236,7 +237,10 @@ def grpo_backward(
         logp = token_logprobs(model, ids, am, P, chunk, temperature)  # (n, T) with grad
         old = logp.detach() if old_logp is None else old_logp[sl, :T]
         w = tis_weights(old, s_lp, tis_cap) if tis_cap else None
-        loss, st = policy_loss(logp, old, adv[sl], mk, eps_low, eps_high, agg, w, ref, beta, n_tokens, n_seqs, norm)
+        loss, st = policy_loss(
+            logp, old, adv[sl], mk, eps_low=eps_low, eps_high=eps_high, agg=agg, weight=w, ref_logp=ref, beta=beta,
+            n_tokens=n_tokens, n_seqs=n_seqs, norm=norm,
+        )  # fmt: skip
         loss.backward()
         # logging: sums over this micro-batch's real tokens
         diff = (old - s_lp).abs()[mk]
@@ -263,7 +267,7 @@ def sft_backward(model, prompts, tokens, mask, *, pad_id: int, micro_batch: int,
         sl = slice(s, s + micro_batch)
         ids, am, P = pack(prompts[sl], tokens[sl], mask[sl], pad_id)
         logp = token_logprobs(model, ids, am, P, chunk)  # (n, T)
-        loss = -aggregate(logp, mask[sl, : logp.shape[1]], "token-mean", n_tokens)
+        loss = -aggregate(logp, mask[sl, : logp.shape[1]], "token-mean", n_tokens=n_tokens)
         loss.backward()
         total += loss.item()
     return total

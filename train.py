@@ -5,53 +5,49 @@ Train a TinyLoRA adapter with GRPO (or SFT, the paper's comparison): the one scr
     python train.py --device cpu --model DIR --data train.jsonl --eval-data test.jsonl --max-new-tokens 128 ...
 
 Each step: take the next --prompts-per-step questions -> sample G completions each (sample.py) -> grade them
-(data/) -> GRPO loss and gradient (grpo.py) -> AdamW step on v -> log -> evaluate -> checkpoint.
+(data/) -> GRPO loss and gradient (grpo.py) -> AdamW step(s) on v -> log -> evaluate -> checkpoint.
 
-Choices, each marked *paper* ("Learning to Reason in 13 Parameters", GSM8K setup) or *ours*:
-1. Defaults: Qwen2.5-7B-Instruct, G = 4, 64 prompts per step, 3 epochs, temperature 1.0, 4,096 new tokens,
-   no KL, r = 2, tiled tying, reward = exact match of the final answer (*paper*). u = 1, tie = 16 gives the
-   headline 13 parameters (*paper*).
-2. lr = 2e-4 (*ours*, inside the paper's sweep 1e-7..2e-4, at its top): with Adam each step moves v by about lr,
-   and v is in units of the top singular values (dW = U S (sum v_i P_i) V^T), so 3 epochs (~350 steps) can move
-   the top directions by at most ~7%, the scale at which behaviour changes. Larger is dangerous: one Adam step
-   at lr 0.1 (v = 0.1 everywhere) wrecked SmolLM2-135M, and Adam's momentum then carried v on for ~10 more
-   steps without any gradient; short CPU runs on small models used 1e-2 (docs/RESULTS.md).
+Choices, each marked *paper* ("Learning to Reason in 13 Parameters", GSM8K setup), *official* (its code) or *ours*:
+1. Defaults: Qwen2.5-7B-Instruct, G = 4, 64 prompts a step, 3 epochs, temperature 1, 4,096 new tokens, no KL, r = 2,
+   tiled tying, exact-match reward (*paper*); u = 1, tie = 16 is the headline 13 parameters (*paper*).
+2. lr = 2e-4, the top of the paper's sweep 1e-7..2e-4 (*ours*): Adam moves v ~lr a step, so ~350 steps move the top
+   directions by <= ~7%; lr 0.1 wrecked SmolLM2-135M in one step (docs/RESULTS.md; small CPU runs use 1e-2).
 3. AdamW without weight decay, constant lr, gradient-norm clip 1.0 (*ours*; the paper does not say).
-4. One optimisation step per batch (mu = 1): the update is on-policy and grpo.py skips the pi_old forward (*ours*).
-5. Data order: a fresh permutation of the training set per epoch from --seed; the last partial batch of an epoch
-   is dropped; the position is a pure function of the step, so resuming needs only the step (*ours*).
-6. Checkpoints hold v (all trainable tensors), the optimizer, every RNG and the step; each file is written to a
-   temporary name and renamed, so a kill -9 loses at most the steps since the last checkpoint (*ours*).
-7. Evaluation is greedy on the test split (*paper*), before training, every --eval-every steps and at the end.
-8. Data parallel under `torchrun --nproc-per-node N train.py ...` (*ours*; docs/SCALING.md): every rank holds the
-   model and takes a contiguous 1/N of the step's prompts (whole groups), so the global batch is the same for any N;
-   the token count that normalises the loss, the gradients (u numbers for TinyLoRA) and the logged sums are
-   summed over ranks, so every rank applies the same update. Evaluation is sharded over ranks and gathered; rank 0
-   alone prints and writes the run folder. A collective that waits longer than --dist-timeout (a dead or hung
-   rank) stops the job with an error instead of hanging. Without torchrun none of this runs.
-9. Sampling seeds: each sampling call (--sample-batch prompts) re-seeds the generator from (seed, step, index of
-   its first prompt in the step), not from a stream carried across steps (*ours*). So a step's rollouts depend only
-   on the step and the adapter, a resume needs no sampler state, and the run is the same on any number of ranks
-   N for which the per-rank share (prompts-per-step / N) is a multiple of --sample-batch (up to float rounding
-   from different batch shapes). With the default (one call per rank) it differs between N in the draws only,
-   not in distribution.
+4. Updates: a step's rollouts split into --mini-batches K of whole groups, each used for --mu updates, all through
+   one loop in main (*ours*); K = mu = 1, one on-policy update with no pi_old forward, by default (*ours*).
+5. With more than one update a step, pi_old is the policy before the step's first update for every one of them,
+   computed once (*paper*: GRPO's pi_old is the policy that sampled).
+6. Data order: a fresh permutation per epoch from --seed, the last partial batch dropped; the position is a pure
+   function of the step, so a resume needs only the step (*ours*).
+7. Checkpoints hold v, the optimizer, every RNG and the step, each file written to a temporary name and renamed: a
+   kill -9 loses at most the steps since the last one (*ours*).
+8. Evaluation is greedy on the test split (*paper*), before training, every --eval-every steps and at the end.
+9. Data parallel under torchrun (*ours*, parallel.py): each rank takes 1/N of the prompts, counts and gradients are
+   summed, so the update is the same for any N; without torchrun none of it runs.
+10. Each sampling call re-seeds from (seed, step, its first prompt's index) (*ours*): rollouts depend on the step
+    and v only, the same on N ranks when prompts-per-step / N is a multiple of --sample-batch.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
 import os
 import random
 import subprocess
-import sys
-import tempfile
 import time
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
+from tqdm import tqdm
 
+import data
+import eval as evaluation
+import export
+import grpo
+import parallel
+import sample
+import tinylora
 from model import hub_reachable
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -61,70 +57,79 @@ DATASETS_HINT = "gsm8k (the Hub, or a local GSM8K-style .jsonl with question/ans
 # -----------------------------------------------------------------------------
 # args: one flat block, grouped; names follow the paper's symbols
 
-p = argparse.ArgumentParser(
-    description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-)
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" unless the help text already says what the default is, or there is none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 # model and data
 p.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="local HF folder or Hub id")
 p.add_argument("--data", default="gsm8k", help="training set: a name known to data/ or a local .jsonl/.parquet")
 p.add_argument("--eval-data", default=None, help="evaluation set (default: the test split of --data)")
-p.add_argument("--prompt-style", default=None, choices=["gsm8k", "boxed", "plain"], help="default: the dataset's")
+p.add_argument("--prompt-style", default=None, choices=list(data.STYLES), help="default: the dataset's")
 p.add_argument("--device", default=None, help="cuda | cpu (default: cuda; on a machine without one, say --device cpu)")
 p.add_argument(
-    "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default bf16 on GPU, fp32 on CPU"
+    "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU"
 )
 # adapter: W' = W + U S (sum_i v_i P_i) V^T
-p.add_argument("--method", default="tinylora", choices=["tinylora", "loraxs", "lora", "full"])
+p.add_argument("--method", default="tinylora", choices=tinylora.METHODS, help="adapter (tinylora.py)")
 p.add_argument("--r", type=int, default=2, help="rank of the frozen SVD (and of LoRA)")
 p.add_argument("--u", type=int, default=1, help="length of each trainable vector v")
 p.add_argument("--tie", type=int, default=None, help="modules sharing one v (default: 16 for tinylora, else 1)")
-p.add_argument("--order", default="tiled", choices=["tiled", "structured"], help="which modules share a v")
-p.add_argument("--variant", default="paper", choices=["paper", "peft", "verl"], help="see tinylora.py choice 8")
-p.add_argument("--v-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="v's storage in the saved file")
+p.add_argument("--order", default="tiled", choices=tinylora.ORDERS, help="which modules share a v")
+p.add_argument("--variant", default="paper", choices=tinylora.VARIANTS, help="see tinylora.py choice 8")
+p.add_argument("--v-dtype", default="fp32", choices=list(tinylora.DTYPES), help="v's storage in the saved file")
 p.add_argument("--alpha", type=float, default=None, help="LoRA scale (method lora only)")
 # algorithm
 p.add_argument("--algo", default="grpo", choices=["grpo", "sft"], help="sft: next-token loss on reference solutions")
 p.add_argument("--G", type=int, default=4, help="completions per prompt (group size)")
-p.add_argument("--prompts-per-step", type=int, default=64, help="prompts per optimisation step")
+p.add_argument("--prompts-per-step", type=int, default=64, help="prompts per step (one batch of rollouts)")
 p.add_argument("--epochs", type=float, default=3, help="passes over the training set")
-p.add_argument("--max-new-tokens", type=int, default=4096)
-p.add_argument("--temperature", type=float, default=1.0)
-p.add_argument("--top-p", type=float, default=1.0)
-p.add_argument("--top-k", type=int, default=0)
-p.add_argument("--reward", default="strict", choices=["strict", "flexible"], help="strict: the number after ####")
+p.add_argument("--max-new-tokens", type=int, default=4096, help="completion length cap while sampling")
+p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the loss uses it too)")
+p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+p.add_argument("--reward", default="strict", choices=data.KINDS, help="strict: the number after ####")
 p.add_argument("--kl", type=float, default=0.0, help="beta, weight of the k3 KL to the base (adapter off)")
 p.add_argument("--eps-low", type=float, default=0.2, help="clip ratio below 1 - eps_low")
 p.add_argument("--eps-high", type=float, default=0.2, help="clip ratio above 1 + eps_high (DAPO: 0.28)")
-p.add_argument("--agg", default="token-mean", choices=["token-mean", "seq-mean", "constant"], help="loss aggregation")
+p.add_argument("--agg", default="token-mean", choices=grpo.AGGS, help="loss aggregation")
 p.add_argument("--no-std", action="store_true", help="Dr. GRPO: do not divide advantages by the group std")
 p.add_argument("--tis-cap", type=float, default=2.0, help="truncated importance sampling cap (0: off)")
-p.add_argument("--mu", type=int, default=1, help="optimisation steps per batch of rollouts (1: on-policy)")
+p.add_argument("--mini-batches", type=int, default=1, help="updates a step, each on 1/K of its groups (choice 4)")
+p.add_argument("--mu", type=int, default=1, help="updates on each mini-batch (1: on-policy; choice 4)")
 # optimisation
-p.add_argument("--lr", type=float, default=2e-4)
-p.add_argument("--weight-decay", type=float, default=0.0)
+p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (choice 2)")
+p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
 p.add_argument("--micro-batch", type=int, default=16, help="rollouts per forward/backward (memory, not math)")
 p.add_argument("--chunk", type=int, default=4096, help="tokens per lm_head chunk in the loss")
 p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
-p.add_argument("--sample-mode", default="auto", choices=["auto", "torch", "triton", "merged"], help="see sample.py")
+p.add_argument("--sample-mode", default="auto", choices=sample.MODES, help="see sample.py")
 # run
-p.add_argument("--seed", type=int, default=0)
+p.add_argument("--seed", type=int, default=0, help="adapter P, data order and sampling seeds")
 p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs)")
 p.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (0: only before and after)")
 p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test examples (0: all)")
-p.add_argument("--eval-batch-size", type=int, default=64)
+p.add_argument("--eval-batch-size", type=int, default=64, help="prompts per evaluation sampling call")
 p.add_argument("--eval-max-new-tokens", type=int, default=0, help="0: --max-new-tokens")
 p.add_argument("--save-every", type=int, default=10, help="steps between checkpoints")
 p.add_argument("--log-samples", type=int, default=2, help="completions per step written to metrics.jsonl")
 p.add_argument("--out", default=None, help="run folder (default: runs/<method>-u<u>-tie<tie>-<time>)")
 p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run with its saved settings")
-# data parallel (torchrun --nproc-per-node N train.py ...; choices 8, 9)
+# data parallel (torchrun --nproc-per-node N train.py ...; choices 9, 10)
 p.add_argument(
     "--sample-batch",
     type=int,
     default=0,
     help="prompts per sampling call (0: a rank's whole share); the run is "
-    "the same on N ranks when prompts-per-step / N is a multiple of it (choice 9); also bounds the KV cache",
+    "the same on N ranks when prompts-per-step / N is a multiple of it (choice 10); also bounds the KV cache",
 )
 p.add_argument("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others before failing")
 
@@ -141,7 +146,7 @@ def parse_args(argv=None):
     path = os.path.join(args.resume, "args.json")
     if not os.path.exists(path):
         raise SystemExit(f"--resume {args.resume}: no args.json there; is it a run folder made by train.py?")
-    saved = json.load(open(path))
+    saved = vars(p.parse_args([])) | json.load(open(path))  # a run saved before a flag existed gets its default
     given = {k: v for k, v in vars(args).items() if v != p.get_default(k)}
     clash = {k: (saved.get(k), v) for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v}
     if clash:
@@ -190,12 +195,30 @@ def model_config(args):
     return None, load_config(os.path.dirname(cfg_path))
 
 
-def check_args(args, stamp=None):
+def check_args(args, stamp=None, world=1):
     if args.tie is None:  # the paper's 13 parameters on Qwen2.5-7B for TinyLoRA; no sharing for the baselines
         args.tie = 16 if args.method == "tinylora" else 1
-    for name in ("r", "u", "tie", "G", "prompts_per_step", "max_new_tokens", "micro_batch", "chunk", "mu"):
+    for name in (
+        "r",
+        "u",
+        "tie",
+        "G",
+        "prompts_per_step",
+        "max_new_tokens",
+        "micro_batch",
+        "chunk",
+        "mu",
+        "mini_batches",
+    ):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
+    share = args.prompts_per_step // world  # a rank's prompts (parallel.init checked that N divides them)
+    if share % args.mini_batches:
+        raise SystemExit(
+            f"--mini-batches {args.mini_batches} must divide the {share} prompts of a step"
+            + (f" on each of {world} ranks" if world > 1 else "")
+            + ": a mini-batch holds whole groups."
+        )
     if args.algo == "grpo" and args.G < 2:
         raise SystemExit("--G must be at least 2 for GRPO: advantages compare completions within a group.")
     if args.temperature <= 0:
@@ -240,93 +263,40 @@ def git_revision() -> str:
         return "unknown"
 
 
-# -----------------------------------------------------------------------------
-# data parallel (torchrun): choices 8 and 9. Every helper is a no-op without torchrun.
-
-
-def init_dist(args):
-    """(rank, world, local_rank) from torchrun's environment; (0, 1, 0) for a plain `python train.py`."""
-    if args.sample_batch < 0 or args.dist_timeout <= 0:
-        raise SystemExit("--sample-batch must be >= 0 (0: one call per rank) and --dist-timeout > 0 seconds.")
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    B, K = args.prompts_per_step, args.sample_batch
-    if B % world:
-        raise SystemExit(
-            f"--prompts-per-step {B} does not split evenly over {world} ranks: each rank takes whole groups of an "
-            f"equal share. Use a multiple of {world} (e.g. --prompts-per-step {max(B // world, 1) * world})."
-        )
-    if K and (B // world) % K:
-        raise SystemExit(f"--sample-batch {K} must divide each rank's {B // world} prompts (prompts-per-step / N).")
-    cuda = (args.device or "cuda").startswith("cuda") and torch.cuda.is_available()  # else check_args explains
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.dist_timeout))
-    if rank:  # rank 0 alone prints; the others' errors still reach stderr
-        sys.stdout = open(os.devnull, "w")
-    return rank, world, local
-
-
-def collective(fn, *a, what, **kw):
-    """Run one torch.distributed call; a dead or hung rank becomes a clear error on the survivors, not a hang."""
-    if not dist.is_initialized():
-        return None
+def load_data(args):
+    """(training set, evaluation set, number of steps), or a SystemExit that says what to pass instead."""
     try:
-        return fn(*a, **kw)
-    except RuntimeError as e:  # gloo: the peer closed the connection, or --dist-timeout passed
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise SystemExit(
-            f"rank {dist.get_rank()}: {what} failed ({type(e).__name__}: {first}).\n"
-            "Another rank has died or waited past --dist-timeout, so the job stops. Continue from the last "
-            "checkpoint with the same torchrun command and --resume RUN_DIR."
-        ) from None
+        train = data.load_dataset(args.data, split="train")
+        evalset = data.load_dataset(args.eval_data or args.data, split="test", limit=args.eval_limit or None)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--data/--eval-data: {e}\nKnown: {DATASETS_HINT}.\n{OFFLINE_HELP}") from None
+    B = args.prompts_per_step
+    if len(train) < B:
+        raise SystemExit(f"--prompts-per-step {B} is larger than the training set ({len(train)} examples).")
+    total = math.floor(args.epochs * (len(train) // B))
+    return train, evalset, min(total, args.max_steps) if args.max_steps else total
 
 
-def all_reduce(values, op="sum"):
-    """Sum (or max) a list of floats over ranks in one collective; the values themselves without torchrun."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    collective(dist.all_reduce, t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, what=f"{op} of stats")
-    return t.tolist()
+# -----------------------------------------------------------------------------
+# small helpers: data order, seeds, files
 
 
-def reduce_stats(s):
-    """grpo_backward's sums added over ranks, its extremes (w_min, w_max, mismatch_max) taken over ranks."""
-    ext = ("w_min", "w_max", "mismatch_max")
-    sums = [k for k in s if k not in ext]
-    out = dict(zip(sums, all_reduce([s[k] for k in sums])))
-    hi = all_reduce([-s["w_min"], s["w_max"], s["mismatch_max"]], "max")  # min = -max(-x)
-    return out | {"w_min": -hi[0], "w_max": hi[1], "mismatch_max": hi[2]}
-
-
-def sync_grads(params):
-    """Sum each gradient over ranks: the loss is normalised by global counts, so the sum is the global gradient,
-    identical on every rank, and every rank then clips and steps the same way."""
-    for t in params:
-        if t.grad is None:  # a rank whose loss never reached t still joins the collective
-            t.grad = torch.zeros_like(t)
-        collective(dist.all_reduce, t.grad, what="gradient all-reduce")
-
-
-def same_on_all_ranks(obj):
-    """Rank 0's value of a picklable object on every rank (the run folder's time stamp)."""
-    box = [obj]
-    collective(dist.broadcast_object_list, box, src=0, what="broadcast")
-    return box[0]
+def step_examples(train, step, B, seed):
+    """The B examples of a step: a per-epoch permutation (choice 6), so the data position is the step."""
+    spe = len(train) // B
+    epoch, i = divmod(step, spe)
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return [train[j] for j in perm[i * B : (i + 1) * B].tolist()], {"epoch": epoch, "index": i * B}
 
 
 def sample_seed(seed, step, first):
-    """The generator seed of a sampling call that starts at prompt `first` of `step` (choice 9): a hash, so
+    """The generator seed of a sampling call that starts at prompt `first` of `step` (choice 10): a hash, so
     neighbouring (step, first) pairs get unrelated streams."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{first}".encode()).digest()[:8], "little") >> 1
 
 
 def cat_rollouts(parts, pad_id):
     """Concatenate Rollouts of several sampling calls (prompt-major rows), right-padding to the longest."""
-    import sample
-
     if len(parts) == 1:
         return parts[0]
     T = max(r.tokens.shape[1] for r in parts)
@@ -340,22 +310,23 @@ def cat_rollouts(parts, pad_id):
     )
 
 
-# -----------------------------------------------------------------------------
-# small helpers for the loop
-
-
-def step_examples(train, step, B, seed):
-    """The B examples of a step: a per-epoch permutation (choice 5), so the data position is the step."""
-    spe = len(train) // B
-    epoch, i = divmod(step, spe)
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return [train[j] for j in perm[i * B : (i + 1) * B].tolist()], {"epoch": epoch, "index": i * B}
+def reference_completions(batch, tok, device):
+    """SFT targets: each reference solution + the end-of-turn token, right-padded -> tokens, mask (B, T)."""
+    targets = [tok.encode(data.reference_solution(ex)) + tok.stop_ids[:1] for ex in batch]
+    T = max(len(t) for t in targets)
+    tokens = torch.tensor([t + [tok.pad_id] * (T - len(t)) for t in targets], device=device)  # (B, T)
+    mask = torch.tensor([[True] * len(t) + [False] * (T - len(t)) for t in targets], device=device)  # (B, T)
+    return tokens, mask
 
 
 def write_atomic(obj, path, save=torch.save):
     tmp = path + ".tmp"
     save(obj, tmp)
-    os.replace(tmp, path)  # choice 6: a reader (or a resume) sees the old file or the new one, never half of one
+    os.replace(tmp, path)  # choice 7: a reader (or a resume) sees the old file or the new one, never half of one
+
+
+def write_text(text, path):
+    write_atomic(text, path, lambda s, f: open(f, "w", encoding="utf-8").write(s))
 
 
 def append_jsonl(path, record):
@@ -379,26 +350,125 @@ def set_rng_state(st, gen):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def reference_completions(batch, tok, device):
-    """SFT targets: each reference solution + the end-of-turn token, right-padded -> tokens, mask (B, T)."""
-    import data
-
-    targets = [tok.encode(data.reference_solution(ex)) + tok.stop_ids[:1] for ex in batch]
-    T = max(len(t) for t in targets)
-    tokens = torch.tensor([t + [tok.pad_id] * (T - len(t)) for t in targets], device=device)  # (B, T)
-    mask = torch.tensor([[True] * len(t) + [False] * (T - len(t)) for t in targets], device=device)  # (B, T)
-    return tokens, mask
+# -----------------------------------------------------------------------------
+# one training step: rollouts -> the list of updates it makes (choices 4, 5); main applies them
 
 
-def grade_rollouts(ro, batch, tok, G, kind):
-    """Decode and grade every completion: texts, their examples, grade dicts, rewards (N,)."""
-    import data
+def mini_batch_rows(n_prompts, G, K):
+    """K slices of the rows (prompt-major, G per prompt) into contiguous mini-batches of whole groups."""
+    assert n_prompts % K == 0, (n_prompts, K)
+    n = n_prompts // K * G
+    return [slice(k * n, (k + 1) * n) for k in range(K)]
 
+
+def merge_stats(stats):
+    """grpo_backward's stats of several mini-batches -> one dict: sums added, extremes kept, loss averaged."""
+    out = {k: sum(s[k] for s in stats) for k in stats[0]}
+    out["loss"] /= len(stats)
+    out |= {"w_min": min(s["w_min"] for s in stats), "w_max": max(s["w_max"] for s in stats)}
+    return out | {"mismatch_max": max(s["mismatch_max"] for s in stats)}
+
+
+def reduce_stats(s):
+    """grpo_backward's sums added over ranks, its extremes (w_min, w_max, mismatch_max) taken over ranks."""
+    ext = ("w_min", "w_max", "mismatch_max")
+    sums = [k for k in s if k not in ext]
+    out = dict(zip(sums, parallel.all_sum([s[k] for k in sums])))
+    hi = parallel.all_max([-s["w_min"], s["w_max"], s["mismatch_max"]])  # min = -max(-x)
+    return out | {"w_min": -hi[0], "w_max": hi[1], "mismatch_max": hi[2]}
+
+
+def grpo_updates(args, model, adapter, ro, adv, pad_id):
+    """The updates of one GRPO step, in order: --mini-batches K slices of whole groups, each --mu times (choice 4).
+    Returns (updates, stats): zero-argument functions that each put one update's gradient into .grad, and a list
+    that holds, per mini-batch, grpo_backward's sums from its latest update (what the step logs)."""
+    K = args.mini_batches
+    rows = mini_batch_rows(len(ro.prompts) // args.G, args.G, K)
+    n_tokens = [int(x) for x in parallel.all_sum([float(ro.mask[sl].sum()) for sl in rows])]  # global counts
+    n_seqs = args.prompts_per_step * args.G // K  # rows of one mini-batch over all ranks (choice 9)
+    kw = dict(pad_id=pad_id, micro_batch=args.micro_batch, chunk=args.chunk, temperature=args.temperature)
+    old = None  # on-policy: grpo.py takes pi_old = the current policy, detached, without a second forward
+    if K * args.mu > 1:  # choice 5: pi_old of every update is the policy before the first, computed now
+        old = grpo.old_logprobs(model, ro.prompts, ro.tokens, ro.mask, **kw)
+    kw |= dict(eps_low=args.eps_low, eps_high=args.eps_high, agg=args.agg, norm=args.max_new_tokens, beta=args.kl)
+    kw |= dict(tis_cap=args.tis_cap or None, n_seqs=n_seqs)
+    stats = [None] * K
+
+    def update(k):
+        sl = rows[k]
+        stats[k] = grpo.grpo_backward(
+            model, adapter, ro.prompts[sl], ro.tokens[sl], ro.mask[sl], adv[sl], ro.logp[sl],
+            old_logp=None if old is None else old[sl], n_tokens=n_tokens[k], **kw,
+        )  # fmt: skip
+
+    return [functools.partial(update, k) for k in range(K) for _ in range(args.mu)], stats
+
+
+def grpo_step(args, model, adapter, tok, gen, batch, prompts, step, first):
+    """A GRPO step up to its updates: sample G completions per prompt, grade each once, group advantages.
+    Returns (updates, log): the updates for main to apply, and log() -> the step's metrics once they ran."""
+    t0 = time.time()
+    # 1) sample with the current adapter, --sample-batch prompts per call, each call seeded by its position (10)
+    model.eval()
+    K, parts = args.sample_batch or len(prompts), []
+    for i in range(0, len(prompts), K):
+        gen.manual_seed(sample_seed(args.seed, step, first + i))
+        parts.append(
+            sample.generate(
+                model, prompts[i : i + K], G=args.G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, stop_ids=tok.stop_ids, pad_id=tok.pad_id, generator=gen,
+                mode=args.sample_mode,
+            )
+        )  # fmt: skip
+    ro = cat_rollouts(parts, tok.pad_id)
+    t1 = time.time()
+    # 2) grade each completion once: the reward and the logged strict / flexible come from the same grade
     texts = [tok.decode(row[m].tolist()) for row, m in zip(ro.tokens, ro.mask)]
-    exs = [batch[i // G] for i in range(len(texts))]  # prompt-major rows
+    exs = [batch[i // args.G] for i in range(len(texts))]  # prompt-major rows
     grades = data.grade_many(exs, texts)
-    rewards = torch.tensor([data.reward(ex, text, kind=kind) for ex, text in zip(exs, texts)])
-    return texts, exs, grades, rewards
+    rewards = torch.tensor([float(g.get(args.reward, g["correct"])) for g in grades])  # as data.reward: MATH: correct
+    adv = grpo.group_advantages(rewards, args.G, std=not args.no_std).to(ro.tokens.device)
+    t2 = time.time()
+    # 3) the updates (choices 4, 5); main applies them
+    updates, stats = grpo_updates(args, model, adapter, ro, adv, tok.pad_id)
+
+    def log():
+        m = grpo_metrics(reduce_stats(merge_stats(stats)), ro, grades, rewards, args.G)
+        m["n_tokens"] = int(parallel.all_sum([float(ro.mask.sum())])[0])  # the global batch's
+        keys = ("reward", "strict", "flexible", "zero_var", "length", "truncated")  # ranks have equal shares,
+        m |= dict(zip(keys, parallel.all_mean([m[k] for k in keys])))  # so the global mean is the mean of means
+        m["samples"] = [
+            {"question": exs[i]["question"], "completion": texts[i], "reward": float(rewards[i])}
+            for i in range(min(args.log_samples, len(texts)))
+        ]
+        return m | {"t_sample": t1 - t0, "t_grade": t2 - t1, "tok_per_s": m["n_tokens"] / max(t1 - t0, 1e-9)}
+
+    return updates, log
+
+
+def sft_step(args, model, tok, batch, prompts):
+    """The paper's SFT comparison as a step: next-token loss on the reference solutions, same adapter, the same
+    mini-batch schedule as GRPO (one group = one prompt)."""
+    t0 = time.time()
+    tokens, mask = reference_completions(batch, tok, model.lm_head.weight.device)
+    t1 = time.time()
+    rows = mini_batch_rows(len(batch), 1, args.mini_batches)
+    n_tokens = [int(x) for x in parallel.all_sum([float(mask[sl].sum()) for sl in rows])]  # global counts
+    losses = [0.0] * len(rows)
+    kw = dict(pad_id=tok.pad_id, micro_batch=args.micro_batch, chunk=args.chunk)
+
+    def update(k):
+        sl = rows[k]
+        losses[k] = grpo.sft_backward(model, prompts[sl], tokens[sl], mask[sl], n_tokens=n_tokens[k], **kw)
+
+    def log():
+        loss = parallel.all_sum([sum(losses) / len(losses)])[0]
+        m = {"loss": loss, "reward": float("nan"), "strict": float("nan"), "flexible": float("nan")}
+        m |= {"zero_var": float("nan"), "length": sum(n_tokens) / args.prompts_per_step, "clip": 0.0, "kl": 0.0}
+        m |= {"w_mean": 1.0, "w_min": 1.0, "w_max": 1.0, "mismatch": 0.0, "n_tokens": sum(n_tokens)}
+        return m | {"samples": [], "t_sample": t1 - t0, "t_grade": 0.0, "tok_per_s": 0.0}
+
+    return [functools.partial(update, k) for k in range(len(rows)) for _ in range(args.mu)], log
 
 
 def grpo_metrics(s, ro, grades, rewards, G):
@@ -410,7 +480,7 @@ def grpo_metrics(s, ro, grades, rewards, G):
     m |= {"zero_var": float((groups.max(1).values == groups.min(1).values).float().mean())}  # no signal there
     m |= {"length": float(ro.mask.sum(1).float().mean()), "clip": s["clipped"] / n, "kl": s["kl"] / n}
     m |= {"w_mean": s["w_sum"] / n, "w_min": s["w_min"], "w_max": s["w_max"]}
-    m |= {"mismatch": s["mismatch_sum"] / n, "mismatch_max": s["mismatch_max"], "n_tokens": int(ro.mask.sum())}
+    m |= {"mismatch": s["mismatch_sum"] / n, "mismatch_max": s["mismatch_max"]}
     m |= {"truncated": sum(f == "length" for f in ro.finish) / len(ro.finish)}
     return m
 
@@ -426,58 +496,77 @@ def fmt_step(step, total, m):
     )
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, local = init_dist(args)  # choice 8: (0, 1, 0) without torchrun
-    print(json.dumps(vars(args), indent=1))
-    path, cfg = check_args(args, stamp=same_on_all_ranks(time.strftime("%Y%m%d-%H%M%S")))  # one run folder
+# -----------------------------------------------------------------------------
+# the run folder: checkpoints (choice 7) and evaluations (choice 8)
 
-    # -------------------------------------------------------------------------
-    # data (before the model: an unknown dataset fails in seconds)
-    import data
 
-    try:
-        train = data.load_dataset(args.data, split="train")
-        evalset = data.load_dataset(args.eval_data or args.data, split="test", limit=args.eval_limit or None)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"--data/--eval-data: {e}\nKnown: {DATASETS_HINT}.\n{OFFLINE_HELP}") from None
-    B = args.prompts_per_step
-    spe = len(train) // B
-    if spe == 0:
-        raise SystemExit(f"--prompts-per-step {B} is larger than the training set ({len(train)} examples).")
-    total = math.floor(args.epochs * spe)
-    total = min(total, args.max_steps) if args.max_steps else total
-    style = {} if args.prompt_style is None else {"style": args.prompt_style}
+def save_checkpoint(args, step, adapter, opt, gen, train):
+    """adapter.safetensors (the file users load) and state.pt (what --resume needs), each written atomically."""
+    adapter.save(os.path.join(args.out, "adapter.safetensors"), dtype=args.v_dtype, step=step, model=args.model)
+    state = {"step": step, "args": vars(args), "params": [t.detach().cpu() for t in adapter.params]}
+    state |= {"opt": opt.state_dict(), "rng": rng_state(gen)}
+    state["data"] = step_examples(train, step, args.prompts_per_step, args.seed)[1]
+    write_atomic(state, os.path.join(args.out, "state.pt"))
 
-    # -------------------------------------------------------------------------
-    # model and adapter
-    from tqdm import tqdm
 
-    import eval as evaluation
-    import export
-    import grpo
-    import sample
-    import tinylora
-    from model import Tokenizer, load_model
+def new_run(args, rank, n, nbytes, total, world) -> int:
+    """A fresh run folder: args.json and the first line of metrics.jsonl (settings, git revision, counts). -> 0"""
+    if rank == 0:
+        json.dump(vars(args), open(os.path.join(args.out, "args.json"), "w"), indent=1)
+        head = {"event": "start", "step": 0, "args": vars(args), "git": git_revision(), "trainable": n}
+        append_jsonl(
+            os.path.join(args.out, "metrics.jsonl"), head | {"update_bytes": nbytes, "steps": total, "world": world}
+        )
+    return 0
 
-    device = args.device or "cuda"
-    device = f"cuda:{local}" if world > 1 and device == "cuda" else device  # one GPU per rank
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    model = load_model(path or args.model, dtype=dtype, device=device)
-    tok = Tokenizer(path or args.model)
-    adapter = tinylora.attach(
-        model,
-        method=args.method,
-        r=args.r,
-        u=args.u,
-        tie=args.tie,
-        order=args.order,
-        variant=args.variant,
-        seed=args.seed,
-        alpha=args.alpha,
+
+def checkpoint(args, step, adapter, opt, gen, train, rank):
+    if rank == 0:
+        save_checkpoint(args, step, adapter, opt, gen, train)
+    parallel.barrier("checkpoint barrier")  # no rank runs ahead of a half-written checkpoint
+
+
+def load_checkpoint(args, adapter, opt, gen, rank) -> int:
+    """Restore v, the optimizer and every RNG from state.pt; drop the log lines of steps after it. -> its step."""
+    st = torch.load(os.path.join(args.out, "state.pt"), map_location="cpu", weights_only=False)
+    with torch.no_grad():
+        for t, saved in zip(adapter.params, st["params"]):
+            t.copy_(saved)
+    opt.load_state_dict(st["opt"])
+    set_rng_state(st["rng"], gen)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    kept = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= st["step"]]  # those run again
+    if rank == 0:  # every rank loaded the same checkpoint; one writes the run folder
+        write_text("".join(kept), metrics_path)
+    return st["step"]
+
+
+def evaluate(args, model, tok, evalset, step, rank):
+    """Greedy evaluation, sharded over ranks (choice 9); rank 0 writes eval/stepNNNNNN.jsonl and logs the summary."""
+    t0 = time.time()
+    path = os.path.join(args.out, "eval", f"step{step:06d}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    part = f"{path}.part{os.getpid()}"  # this rank's share, gathered below in the dataset's order
+    evaluation.evaluate(
+        model, tok, parallel.shard(evalset), batch_size=args.eval_batch_size, out_path=part, reward=args.reward,
+        max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, style=args.prompt_style, progress=rank == 0,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in open(part, encoding="utf-8")]
+    os.remove(part)
+    rows = parallel.gather(rows, len(evalset))  # None on ranks other than 0
+    if rows is None:
+        return
+    write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), path)
+    res = {k: v for k, v in evaluation.summarize(rows, args.reward).items() if isinstance(v, (int, float, str, bool))}
+    append_jsonl(
+        os.path.join(args.out, "metrics.jsonl"), {"event": "eval", "step": step, "t_eval": time.time() - t0} | res
     )
+    shown = [f"{k} {res[k]:.3f} [{res[k + '_lo']:.3f}, {res[k + '_hi']:.3f}]" for k in EVAL_KEYS if k in res]
+    tqdm.write(f"eval step {step} (n={res.get('n')}, {time.time() - t0:.0f}s): " + " | ".join(shown))
+
+
+def show_adapter(args, cfg, model, adapter):
+    """Assert the trainable count the flags imply (and that nothing else trains); print it large. -> (n, bytes)."""
     n = adapter.num_params()
     want = export.count_params(cfg, args.method, args.r, args.u, args.tie, tinylora.TARGETS)
     assert n == want, f"adapter has {n} trainable parameters but the flags imply {want}"
@@ -489,208 +578,94 @@ def main(argv=None):
     print(f"\n{bar}\n  model    {args.model}  ({cfg.num_hidden_layers} layers, {len(adapter.modules)} adapted modules)")
     print(f"  method   {args.method}  r={args.r} u={args.u} tie={args.tie} order={args.order}  algo={args.algo}")
     print(f"  TRAINABLE PARAMETERS: {n:,}   UPDATE SIZE: {nbytes:,} bytes in {args.v_dtype}\n{bar}\n")
+    return n, nbytes
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    # ---- args (and checks before anything slow)
+    args = parse_args(argv)
+    rank, world, local = parallel.init(args)  # choice 9: (0, 1, 0) without torchrun
+    print(json.dumps(vars(args), indent=1))
+    path, cfg = check_args(args, stamp=parallel.same_on_all_ranks(time.strftime("%Y%m%d-%H%M%S")), world=world)
+
+    # ---- data (before the model: an unknown dataset fails in seconds)
+    train, evalset, total = load_data(args)
+    B, style = args.prompts_per_step, {} if args.prompt_style is None else {"style": args.prompt_style}
+
+    # ---- model
+    from model import Tokenizer, load_model
+
+    device = args.device or "cuda"
+    device = f"cuda:{local}" if world > 1 and device == "cuda" else device  # one GPU per rank
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    model, tok = load_model(path or args.model, dtype=dtype, device=device), Tokenizer(path or args.model)
     if args.grad_checkpointing:
         grpo.use_grad_checkpointing(model)
+
+    # ---- adapter, optimizer, run folder
+    adapter = tinylora.attach(
+        model, method=args.method, r=args.r, u=args.u, tie=args.tie, order=args.order, variant=args.variant,
+        seed=args.seed, alpha=args.alpha,
+    )  # fmt: skip
+    n, nbytes = show_adapter(args, cfg, model, adapter)
     opt = torch.optim.AdamW(adapter.params, lr=args.lr, weight_decay=args.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(args.seed)  # re-seeded per sampling call (choice 9)
-
-    # -------------------------------------------------------------------------
-    # run folder: args, metrics, checkpoints
-    out = args.out
-    metrics_path, state_path = os.path.join(out, "metrics.jsonl"), os.path.join(out, "state.pt")
-    start = 0
+    gen = torch.Generator(device=device).manual_seed(args.seed)  # re-seeded per sampling call (choice 10)
     if args.resume:
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            for t, saved in zip(adapter.params, st["params"]):
-                t.copy_(saved)
-        opt.load_state_dict(st["opt"])
-        set_rng_state(st["rng"], gen)
-        start = st["step"]
-        # drop what was logged after the checkpoint: those steps run again
-        kept = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= start]
-        if rank == 0:  # every rank loaded the same checkpoint; one writes the run folder
-            write_atomic("".join(kept), metrics_path, lambda s, f: open(f, "w").write(s))
-        print(f"resumed {out} at step {start}/{total}")
-    elif rank == 0:
-        json.dump(vars(args), open(os.path.join(out, "args.json"), "w"), indent=1)
-        head = {"event": "start", "step": 0, "args": vars(args), "git": git_revision(), "trainable": n}
-        append_jsonl(metrics_path, head | {"update_bytes": nbytes, "steps": total, "world": world})
-    for t in adapter.params:  # choice 8: every rank starts from rank 0's tensors (they agree already; this makes sure)
-        collective(dist.broadcast, t.data, src=0, what="parameter broadcast")
-
-    def save(step):
-        meta = {"step": step, "model": args.model}
-        adapter_path = os.path.join(out, "adapter.safetensors")
-        adapter.save(adapter_path, dtype=args.v_dtype, **meta)  # the file users load (written atomically)
-        state = {"step": step, "args": vars(args), "params": [t.detach().cpu() for t in adapter.params]}
-        state |= {"opt": opt.state_dict(), "rng": rng_state(gen), "data": step_examples(train, step, B, args.seed)[1]}
-        write_atomic(state, state_path)
-
-    def run_eval(step):
-        eval_dir = os.path.join(out, "eval")
-        os.makedirs(eval_dir, exist_ok=True)
-        t0 = time.time()
-        path = os.path.join(eval_dir, f"step{step:06d}.jsonl")
-        # choice 8: rank r evaluates examples r, r+N, ... into a local file; rank 0 gathers them in order
-        shard = path if world == 1 else os.path.join(tempfile.gettempdir(), f"tinylora-eval-{os.getpid()}.jsonl")
-        res = evaluation.evaluate(
-            model,
-            tok,
-            evalset[rank::world],
-            batch_size=args.eval_batch_size,
-            max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
-            out_path=shard,
-            reward=args.reward,
-            style=args.prompt_style,
-            progress=rank == 0,
-        )
-        if world > 1:
-            rows = [json.loads(line) for line in open(shard, encoding="utf-8")]
-            os.remove(shard)
-            shards = [None] * world if rank == 0 else None
-            collective(dist.gather_object, rows, shards, dst=0, what="evaluation gather")
-            if rank:
-                return
-            rows = [shards[i % world][i // world] for i in range(len(evalset))]  # the dataset's order
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            write_atomic(text, path, lambda s, f: open(f, "w", encoding="utf-8").write(s))
-            res = evaluation.summarize(rows, args.reward)
-        res = {k: v for k, v in res.items() if isinstance(v, (int, float, str, bool))}
-        append_jsonl(metrics_path, {"event": "eval", "step": step, "t_eval": time.time() - t0} | res)
-        shown = [f"{k} {res[k]:.3f} [{res[k + '_lo']:.3f}, {res[k + '_hi']:.3f}]" for k in EVAL_KEYS if k in res]
-        tqdm.write(f"eval step {step} (n={res.get('n')}, {time.time() - t0:.0f}s): " + " | ".join(shown))
-
+        start = load_checkpoint(args, adapter, opt, gen, rank)
+        print(f"resumed {args.out} at step {start}/{total}")
+    else:
+        start = new_run(args, rank, n, nbytes, total, world)
+    parallel.broadcast(adapter.params)  # every rank starts from rank 0's tensors (they agree already; to be sure)
     if start == 0:
-        run_eval(0)
+        evaluate(args, model, tok, evalset, 0, rank)
 
-    # -------------------------------------------------------------------------
-    # the loop: sample -> grade -> loss -> step -> log -> eval -> checkpoint
-
+    # ---- the loop: batch -> rollouts and their updates -> optimiser steps -> log -> evaluate -> checkpoint
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True, disable=rank > 0)
     for step in bar:
         t0 = time.time()
-        batch, _ = step_examples(train, step, B, args.seed)
-        first = rank * (B // world)  # choice 8: this rank's contiguous share; whole groups stay on one rank
-        batch = batch[first : first + B // world]
+        first = rank * (B // world)  # choice 9: this rank's contiguous share; whole groups stay on one rank
+        batch = step_examples(train, step, B, args.seed)[0][first : first + B // world]
         prompts = [tok.apply_chat_template(data.build_messages(ex, **style)) for ex in batch]
-        opt.zero_grad(set_to_none=True)
-
-        if args.algo == "sft":
-            # the paper's comparison: next-token loss on the reference solutions, same adapter
-            tokens, mask = reference_completions(batch, tok, device)
-            t1 = t2 = time.time()
-            n_tokens = int(all_reduce([float(mask.sum())])[0])  # choice 8: the global count normalises the loss
-            kw = dict(pad_id=tok.pad_id, micro_batch=args.micro_batch, chunk=args.chunk, n_tokens=n_tokens)
-            loss = all_reduce([grpo.sft_backward(model, prompts, tokens, mask, **kw)])[0]
-            m = {"loss": loss, "reward": float("nan"), "strict": float("nan"), "flexible": float("nan")}
-            m |= {"zero_var": float("nan"), "length": n_tokens / B, "clip": 0.0, "kl": 0.0}
-            m |= {"w_mean": 1.0, "w_min": 1.0, "w_max": 1.0, "mismatch": 0.0, "n_tokens": n_tokens}
-            samples = []
+        if args.algo == "grpo":  # sample -> grade -> advantages
+            updates, log = grpo_step(args, model, adapter, tok, gen, batch, prompts, step, first)
         else:
-            # 1) sample G completions per prompt with the current adapter, --sample-batch prompts per call, each
-            #    call seeded by its first prompt's index in the step (choice 9)
-            model.eval()
-            K, parts = args.sample_batch or len(prompts), []
-            for i in range(0, len(prompts), K):
-                gen.manual_seed(sample_seed(args.seed, step, first + i))
-                parts.append(
-                    sample.generate(
-                        model,
-                        prompts[i : i + K],
-                        G=args.G,
-                        max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature,
-                        top_k=args.top_k,
-                        top_p=args.top_p,
-                        stop_ids=tok.stop_ids,
-                        pad_id=tok.pad_id,
-                        generator=gen,
-                        mode=args.sample_mode,
-                    )
-                )
-            ro = cat_rollouts(parts, tok.pad_id)
-            t1 = time.time()
-            # 2) grade: reward per completion, strict/flexible accuracy for the log
-            texts, exs, grades, rewards = grade_rollouts(ro, batch, tok, args.G, args.reward)
-            adv = grpo.group_advantages(rewards, args.G, std=not args.no_std).to(device)
-            t2 = time.time()
-            # 3) loss and gradient over micro-batches; counts of the whole (global) batch normalise it
-            n_tokens, n_seqs = int(all_reduce([float(ro.mask.sum())])[0]), B * args.G  # choice 8: global counts
-            kw = dict(
-                pad_id=tok.pad_id,
-                micro_batch=args.micro_batch,
-                eps_low=args.eps_low,
-                eps_high=args.eps_high,
-                agg=args.agg,
-                norm=args.max_new_tokens,
-                beta=args.kl,
-                tis_cap=args.tis_cap or None,
-                temperature=args.temperature,
-                chunk=args.chunk,
-                n_tokens=n_tokens,
-                n_seqs=n_seqs,
-            )
-            old = None
-            if args.mu > 1:  # off-policy after the first update: pi_old must be computed once, before it
-                old = grpo.old_logprobs(
-                    model,
-                    ro.prompts,
-                    ro.tokens,
-                    ro.mask,
-                    pad_id=tok.pad_id,
-                    micro_batch=args.micro_batch,
-                    chunk=args.chunk,
-                    temperature=args.temperature,
-                )
-            for k in range(args.mu):
-                if k:
-                    opt.zero_grad(set_to_none=True)
-                s = grpo.grpo_backward(model, adapter, ro.prompts, ro.tokens, ro.mask, adv, ro.logp, old_logp=old, **kw)
-                if k < args.mu - 1:
-                    sync_grads(adapter.params)
-                    torch.nn.utils.clip_grad_norm_(adapter.params, args.grad_clip or float("inf"))
-                    opt.step()
-            m = grpo_metrics(reduce_stats(s), ro, grades, rewards, args.G) | {"n_tokens": n_tokens}
-            if world > 1:  # every rank has B/N prompts, so a global mean over rows or groups = the mean of ranks' means
-                keys = ("reward", "strict", "flexible", "zero_var", "length", "truncated")
-                m |= dict(zip(keys, (x / world for x in all_reduce([m[k] for k in keys]))))
-            samples = [
-                {"question": exs[i]["question"], "completion": texts[i], "reward": float(rewards[i])}
-                for i in range(min(args.log_samples, len(texts)))
-            ]
-        # 4) the update: gradients summed over ranks (choice 8), so every rank clips and steps the same way
-        sync_grads(adapter.params)
-        gnorm = torch.nn.utils.clip_grad_norm_(adapter.params, args.grad_clip or float("inf"))
-        opt.step()
-        t3 = time.time()
-
-        # -- log
-        m |= {"grad_norm": float(gnorm), "t_sample": t1 - t0, "t_grade": t2 - t1, "t_train": t3 - t2}
-        m |= {"t_step": t3 - t0, "tok_per_s": m["n_tokens"] / max(t1 - t0, 1e-9) if args.algo == "grpo" else 0.0}
+            updates, log = sft_step(args, model, tok, batch, prompts)
+        for backward in updates:  # choice 4: every optimiser step of every setting is these five lines
+            opt.zero_grad(set_to_none=True)
+            backward()  # this update's gradient into .grad, in micro-batches (grpo.py)
+            parallel.sync_grads(adapter.params)  # choice 9: summed over ranks, so every rank steps the same way
+            gnorm = torch.nn.utils.clip_grad_norm_(adapter.params, args.grad_clip or float("inf"))
+            opt.step()
+        # log (rank 0's timings, the global batch's metrics)
+        m = log() | {"grad_norm": float(gnorm), "t_step": time.time() - t0}
+        m["t_train"] = m["t_step"] - m["t_sample"] - m["t_grade"]
         if n <= 16:
             m["v"] = [round(x, 6) for t in adapter.params for x in t.detach().flatten().tolist()]
-        if rank == 0:  # choice 8: one log (rank 0's timings, the global batch's metrics)
+        if rank == 0:
             tqdm.write(fmt_step(step + 1, total, m))
             bar.set_postfix(reward=f"{m['reward']:.3f}")
-            append_jsonl(metrics_path, {"event": "step", "step": step + 1} | m | {"samples": samples})
-
-        # -- evaluate, checkpoint
+            append_jsonl(os.path.join(args.out, "metrics.jsonl"), {"event": "step", "step": step + 1} | m)
+        # evaluate, checkpoint (the last step's come after the loop)
         done = step + 1
         if args.eval_every and done % args.eval_every == 0 and done != total:
-            run_eval(done)
-        if done % args.save_every == 0 or done == total:
-            if done == total:
-                run_eval(done)
-            if rank == 0:
-                save(done)
-            collective(dist.barrier, what="checkpoint barrier")  # no rank runs ahead of a half-written checkpoint
+            evaluate(args, model, tok, evalset, done, rank)
+        if done % args.save_every == 0 and done != total:
+            checkpoint(args, done, adapter, opt, gen, train, rank)
     bar.close()
-    if start >= total:
+
+    # ---- final eval and checkpoint
+    if start < total:
+        evaluate(args, model, tok, evalset, total, rank)
+        checkpoint(args, total, adapter, opt, gen, train, rank)
+    else:
         print(f"nothing to do: the run is already at step {start}/{total}")
-    print(f"done: {out} (adapter.safetensors, metrics.jsonl; plot with `python plot.py {out}`)")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    print(f"done: {args.out} (adapter.safetensors, metrics.jsonl; plot with `python plot.py {args.out}`)")
+    parallel.close()
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ CLIPPED = 3
 def test_policy_loss_and_gradient_each_aggregation(agg, loss, grad_scale):
     old = torch.full((4, 3), math.log(0.5))
     logp = (old + RATIO.log()).requires_grad_()
-    out, st = grpo.policy_loss(logp, old, ADV, MASK, 0.2, 0.2, agg, norm=4)
+    out, st = grpo.policy_loss(logp, old, ADV, MASK, eps_low=0.2, eps_high=0.2, agg=agg, norm=4)
     out.backward()
     assert out.item() == pytest.approx(loss, abs=1e-6)
     assert torch.allclose(logp.grad, TOK_GRAD * grad_scale * MASK, atol=1e-6)
@@ -74,13 +74,13 @@ def test_clip_higher_and_no_clip_inside_range():
     logp = torch.tensor([[math.log(1.25), math.log(1.1)]], requires_grad=True)
     m = torch.ones(1, 2, dtype=torch.bool)
     # eps_high .28 (DAPO clip-higher): 1.25 is inside [.8, 1.28] -> no clipping, grad -A * rho
-    loss, st = grpo.policy_loss(logp, old, torch.tensor([1.0]), m, 0.2, 0.28)
+    loss, st = grpo.policy_loss(logp, old, torch.tensor([1.0]), m, eps_low=0.2, eps_high=0.28)
     loss.backward()
     assert int(st["clipped"].sum()) == 0
     assert torch.allclose(logp.grad, torch.tensor([[-1.25, -1.1]]) / 2)
     # eps_high .2: 1.25 clipped to 1.2 (grad 0), 1.1 not
     logp.grad = None
-    loss, st = grpo.policy_loss(logp, old, torch.tensor([1.0]), m, 0.2, 0.2)
+    loss, st = grpo.policy_loss(logp, old, torch.tensor([1.0]), m, eps_low=0.2, eps_high=0.2)
     loss.backward()
     assert loss.item() == pytest.approx(-(1.2 + 1.1) / 2)
     assert torch.allclose(logp.grad, torch.tensor([[0.0, -1.1 / 2]]))

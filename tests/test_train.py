@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -206,6 +207,8 @@ def no_model_load(monkeypatch):
         (["--tie", 15], "--tie 15 is larger than the 14 adaptable modules"),
         (["--r", 0], "--r must be a positive integer"),
         (["--G", 1], "--G must be at least 2"),
+        (["--mini-batches", 0], "--mini-batches must be a positive integer"),
+        (["--mini-batches", 3], "--mini-batches 3 must divide the 4 prompts of a step"),
         (["--data", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
         (["--model", "/no/such/folder"], "no such folder"),
         (["--out", "/proc/version/run"], "cannot write there"),
@@ -257,3 +260,110 @@ def test_off_policy_kl_and_other_loss_flags(tiny, tmp_path):
     assert all(r["kl"] == 0 for r in steps[:first]) and all(r["kl"] > 0 for r in steps[first:])
     head = json.loads(open(out / "metrics.jsonl").readline())
     assert head["update_bytes"] == 4 * 2  # 4 parameters stored in bf16
+
+
+# -----------------------------------------------------------------------------
+# the update schedule: --mini-batches K of whole groups, each used --mu times, pi_old fixed before the first
+
+
+def schedule_setup(tiny, *flags):
+    """A tiny model with a 2-parameter TinyLoRA, 8 toy rollouts (4 prompts x G 2) with a sampler that is a bit off,
+    random advantages, and train.py's args for them."""
+    from test_grpo import plain_logprobs, toy_rollouts
+
+    import tinylora
+    import train
+    from model import load_model
+
+    model = load_model(tiny[0], dtype=torch.float32)
+    adapter = tinylora.attach(model, r=2, u=2, tie=14, seed=0)
+    prompts, tokens, mask = toy_rollouts(model.cfg.vocab_size, seed=7, N=8)
+    with torch.no_grad():
+        s_lp = plain_logprobs(model, prompts, tokens, mask) + 0.1 * torch.randn(tokens.shape)
+    ro = SimpleNamespace(prompts=prompts, tokens=tokens, mask=mask, logp=s_lp)
+    adv = torch.randn(8, generator=torch.Generator().manual_seed(3))
+    args = train.p.parse_args([str(a) for a in ("--G", 2, "--prompts-per-step", 4, "--micro-batch", 3, *flags)])
+    return model, adapter, ro, adv, args
+
+
+def record_backward_calls(monkeypatch):
+    import grpo
+
+    calls, real = [], grpo.grpo_backward
+
+    def spy(model, adapter, prompts, tokens, mask, adv, sampler_logp, **kw):
+        calls.append({"prompts": prompts, "tokens": tokens, "old": kw["old_logp"], "n_tokens": kw["n_tokens"]})
+        return real(model, adapter, prompts, tokens, mask, adv, sampler_logp, **kw)
+
+    monkeypatch.setattr(grpo, "grpo_backward", spy)
+    return calls
+
+
+def test_one_mini_batch_one_update_is_the_plain_on_policy_backward(tiny, monkeypatch):
+    """K = 1, mu = 1 (the default) is one grpo_backward over all rows, on-policy, normalised by the batch's counts:
+    bit for bit the gradient of calling grpo.py directly."""
+    import grpo
+    import train
+
+    model, adapter, ro, adv, args = schedule_setup(tiny)
+    updates, stats = train.grpo_updates(args, model, adapter, ro, adv, pad_id=0)
+    assert len(updates) == 1
+    updates[0]()
+    got = [t.grad.clone() for t in adapter.params]
+    for t in adapter.params:
+        t.grad = None
+    want_stats = grpo.grpo_backward(
+        model, adapter, ro.prompts, ro.tokens, ro.mask, adv, ro.logp, pad_id=0, micro_batch=3,
+        n_tokens=int(ro.mask.sum()), n_seqs=8, norm=args.max_new_tokens,
+    )  # fmt: skip
+    assert all(torch.equal(g, t.grad) for g, t in zip(got, adapter.params))
+    assert any(g.abs().sum() > 0 for g in got)
+    assert stats == [want_stats]
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_every_update_of_a_step_uses_the_pre_update_policy_as_pi_old(tiny, monkeypatch, mu):
+    """K = 2 mini-batches: the second one's pi_old is the policy before the first update, not after it."""
+    from test_grpo import plain_logprobs
+
+    import train
+
+    model, adapter, ro, adv, args = schedule_setup(tiny, "--mini-batches", 2, "--mu", mu)
+    with torch.no_grad():
+        before = plain_logprobs(model, ro.prompts, ro.tokens, ro.mask)  # the independent reference
+    calls = record_backward_calls(monkeypatch)
+    updates, _ = train.grpo_updates(args, model, adapter, ro, adv, pad_id=0)
+    assert len(updates) == 2 * mu
+    opt = torch.optim.Adam(adapter.params, lr=0.5)
+    after_first = None
+    for i, backward in enumerate(updates):
+        opt.zero_grad()
+        backward()
+        opt.step()
+        if i == 0:
+            with torch.no_grad():
+                after_first = plain_logprobs(model, ro.prompts, ro.tokens, ro.mask)
+    halves = [slice(0, 4), slice(4, 8)]  # whole groups of G = 2: rows 0-3 are prompts 0-1
+    assert [c["prompts"] for c in calls] == [ro.prompts[h] for h in halves for _ in range(mu)]
+    for c, h in zip(calls, [h for h in halves for _ in range(mu)]):
+        assert torch.allclose(c["old"], before[h], atol=1e-5)
+        assert c["n_tokens"] == int(ro.mask[h].sum())  # each update is normalised by its own mini-batch
+    # the first update moved the policy: had pi_old been recomputed, the second mini-batch would see this
+    assert (after_first[4:] - before[4:]).abs().max() > 1e-3
+    assert not torch.allclose(calls[mu]["old"], after_first[4:], atol=1e-4)
+
+
+def test_mini_batches_and_mu_end_to_end(tiny, tmp_path):
+    """--mini-batches 2 --mu 2 through train.main: four optimiser steps a step, a finite log, v moves."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    counted = []
+    handle = register_optimizer_step_post_hook(lambda opt, a, k: counted.append(1))
+    try:
+        out = tmp_path / "run"
+        run(base_args(tiny, out, "--max-steps", 3, "--mini-batches", 2, "--mu", 2, "--eval-limit", 1))
+    finally:
+        handle.remove()
+    steps = records(out)
+    assert len(counted) == 3 * 4 and len(steps) == 3
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)

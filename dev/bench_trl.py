@@ -1,8 +1,8 @@
 """
 The whole GRPO step, ours vs the tool a user would otherwise pick (TRL's GRPOTrainer + PEFT's TinyLoRA).
 
-    python bench.py                       # SmolLM2-135M-Instruct from the test cache, 3 steps each, 2 threads
-    python bench.py --model DIR --steps 5 --threads 2
+    python dev/bench_trl.py                       # SmolLM2-135M-Instruct from the test cache, 3 steps each, 2 threads
+    python dev/bench_trl.py --model DIR --steps 5 --threads 2
 
 Both sides run the same job: the same model folder, the same GSM8K-style prompts, 4 prompts x G=4
 completions per step, 64 new tokens at temperature 1, no KL, fp32 on the CPU, TinyLoRA r=2, u=4 on all
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository root (this file is in dev/)
 DEFAULT_MODEL = Path(os.environ.get("TINYLORA_CACHE", Path.home() / ".cache" / "tinylora")) / "SmolLM2-135M-Instruct"
 SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
