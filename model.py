@@ -210,7 +210,7 @@ def sdpa(q, k, v, mask, causal: bool, gqa: bool):
     try:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
     except RuntimeError as e:
-        if "No available kernel" not in str(e):
+        if "No available kernel" not in str(e) and "No viable backend" not in str(e):  # CUDA's words, CPU's
             raise
         raise RuntimeError(
             f"no fused attention kernel (flash / memory-efficient / cuDNN) takes {describe(q, k, v, mask, causal, gqa)}"
