@@ -196,7 +196,8 @@ FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.
 
 def fused_only(device: torch.device):
     """On CUDA, SDPA may pick a fused kernel only, never the math fallback (choice 2); off elsewhere (the CPU
-    kernels take every layout). Entered once per forward: the context costs tens of microseconds."""
+    kernels take every layout). Entered once per forward, not per layer: the context costs tens of microseconds.
+    A block recomputed in backward (checkpointing) runs outside it, on the shapes that already passed."""
     return sdpa_kernel(FUSED) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -257,10 +258,11 @@ def record_attention():
     plain, calls = sdpa, []
 
     def recording(q, k, v, mask, causal, gqa):
+        y = plain(q, k, v, mask, causal, gqa)  # first: torch settles its CUDA priority order on the first call
         with torch.no_grad():
             used = sdpa_backend(q, k, v, mask, causal, gqa) if q.is_cuda else "cpu"
         calls.append((describe(q, k, v, mask, causal, gqa), used))
-        return plain(q, k, v, mask, causal, gqa)
+        return y
 
     sdpa = recording
     try:
