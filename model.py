@@ -225,6 +225,8 @@ def attend(q, k, v, mask):
     B, H, T, D = q.shape
     g = H // k.shape[1]  # queries per kv head
     if mask is None:  # nothing padded before a real token: flash, GQA native, no scores stored
+        if g > 1 and q.is_cuda and q.dtype == torch.float32:  # flash / cuDNN need 16 bits: memory-efficient, H heads
+            k, v, g = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), 1
         return sdpa(q, k, v, None, True, g > 1)
     if T == 1 and g > 1:  # decode: the group is the query axis, the (B, 1, 1, S) mask broadcasts over it
         return sdpa(q.view(B, k.shape[1], g, D), k, v, mask, False, False).view(B, H, 1, D)
