@@ -126,41 +126,52 @@ def _chunk_logp(h, W, t, temperature):
     return logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(-1)  # (n,)
 
 
-def token_logprobs(model, input_ids, attention_mask, start: int, chunk: int = 4096, temperature: float = 1.0):
-    """log pi(token) for the tokens input_ids[:, start:] given everything before them.
+def token_logprobs(model, input_ids, completion_mask, P: int, chunk: int = 4096, temperature: float = 1.0):
+    """log pi(token) of every completion token given everything before it, in pack's layout.
 
-    input_ids / attention_mask (N, P+T): left-padded prompts in columns [0, start), right-padded completions in
-    [start, P+T). Returns (N, T) fp32, 0 where the mask is 0. The head runs only at the masked completion
+    input_ids (N, P+T): rows [prompt | completion | right padding], each row's real tokens first, so the forward
+    is plain causal attention with no mask (model.py choice 2: the flash kernel's layout). completion_mask
+    (N, P+T) is True at each row's completion tokens, columns [len(prompt_i), len(prompt_i) + n_i). Returns
+    (N, T) fp32, row i's completion token t at column t, 0 past n_i. The head runs only at the completion
     positions, `chunk` tokens at a time."""
-    assert start >= 1, "every row needs at least one prompt token"
-    h = model(input_ids, attention_mask=attention_mask, hidden_only=True)  # (N, P+T, C)
-    h = h[:, start - 1 : -1]  # (N, T, C): the state at column j predicts the token at column j+1
-    mask = attention_mask[:, start:].bool()  # (N, T)
-    h_sel, t_sel = h[mask], input_ids[:, start:][mask]  # (n, C), (n,)
-    W = model.lm_head.weight
+    N, W = input_ids.shape
+    T = W - P  # the longest completion
+    assert P >= 1 and T >= 1, "pack's layout: every row has a prompt token, the output at least one column"
+    h = model(input_ids, hidden_only=True)  # (N, W, C), causal, positions 0..W-1
+    sel = completion_mask[:, 1:]  # (N, W-1): the state at column j predicts the token at column j+1
+    h_sel, t_sel = h[:, :-1][sel], input_ids[:, 1:][sel]  # (n, C), (n,) row by row, in column order
+    W_head = model.lm_head.weight
     recompute = torch.is_grad_enabled() and h_sel.shape[0] > chunk
     out = []
     for i in range(0, h_sel.shape[0], chunk):
-        args = (h_sel[i : i + chunk], W, t_sel[i : i + chunk], temperature)
+        args = (h_sel[i : i + chunk], W_head, t_sel[i : i + chunk], temperature)
         out.append(checkpoint(_chunk_logp, *args, use_reentrant=False) if recompute else _chunk_logp(*args))
     vals = torch.cat(out) if out else h_sel.new_zeros(0, dtype=torch.float32)
+    mask = torch.arange(T, device=h.device) < completion_mask.sum(1, keepdim=True)  # (N, T): n_i leading columns
     return torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_scatter(mask, vals)  # (N, T)
 
 
 def pack(prompts: list[list[int]], tokens: torch.Tensor, mask: torch.Tensor, pad_id: int):
-    """Rows of [left-padded prompt | right-padded completion] -> (input_ids, attention_mask, start), with the
-    completion columns trimmed to the longest completion so no compute is spent on all-pad columns."""
-    P = max(len(p) for p in prompts)
-    T = max(int(mask.sum(1).max()), 1)
+    """Rollouts -> (input_ids, completion_mask, P) in the layout token_logprobs reads: row i is prompt i, then its
+    n_i completion tokens, then pad_id, so no padding precedes a real token and attention needs no mask (the
+    prompt is not left-padded: completions start at different columns). Rows are W = P + T columns, W the
+    longest prompt + completion, T the longest completion (so `ids.shape[1] - P` is the output width of
+    token_logprobs; no compute is spent on all-pad columns). tokens / mask (N, T0): right-padded completions."""
+    mask = mask.bool()
+    assert bool((mask[:, 1:] <= mask[:, :-1]).all()), "completions must be right-padded: each mask row 1..1 0..0"
+    n = mask.sum(1).tolist()  # completion lengths
+    lens = [len(p) for p in prompts]
+    assert min(lens) >= 1, "every row needs at least one prompt token"
+    T = max(max(n), 1)
+    W = max(max(a + b for a, b in zip(lens, n)), T + 1)
+    toks = tokens[:, :T].tolist()
+    rows = [list(p) + t[:c] + [pad_id] * (W - len(p) - c) for p, t, c in zip(prompts, toks, n)]
     dev = tokens.device
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=dev)
-    am = torch.zeros((len(prompts), P), dtype=torch.bool, device=dev)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long, device=dev)
-        am[i, P - len(p) :] = True
-    ids = torch.cat([ids, tokens[:, :T]], 1)  # (N, P+T)
-    am = torch.cat([am, mask[:, :T].bool()], 1)  # (N, P+T)
-    return ids, am, P
+    ids = torch.tensor(rows, dtype=torch.long, device=dev)  # (N, W)
+    col = torch.arange(W, device=dev)[None]  # (1, W)
+    lo = torch.tensor(lens, device=dev)[:, None]  # (N, 1): where each completion starts
+    completion_mask = (col >= lo) & (col < lo + mask.sum(1, keepdim=True))  # (N, W)
+    return ids, completion_mask, W - T
 
 
 def use_grad_checkpointing(model):

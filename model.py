@@ -8,9 +8,16 @@ is a strict dict copy: no renaming, no fused qkv, no weight permutation (RoPE is
 
 Choices, each marked *ref* (what the reference implementation, transformers, does) or *ours*:
 1. RMSNorm and the RoPE angles are computed in fp32 and cast back to the activation dtype (*ref*).
-2. Attention is `F.scaled_dot_product_attention` with an explicit boolean mask (*ours*): one code path for
-   right-padded training batches, left-padded prompts and cached decode. A query with no visible key
-   (a left pad) may see itself, so no row is all -inf (its output is ignored anyway).
+2. Attention is `F.scaled_dot_product_attention` in layouts the fused CUDA kernels accept (*ours*; `attend`):
+   - no padding before any real token (training rows [prompt | completion | right padding], an unpadded
+     prefill): `is_causal` and no mask, so flash attention runs, GQA included, and no T x T scores are stored;
+   - one new token per row (decode): the GQA group folded into the query axis, q (B, Hkv, H/Hkv, D) against
+     the cache's (B, Hkv, S, D), so the (B, 1, 1, S) key mask broadcasts over it with no K/V copy;
+   - anything else (left-padded prompts): K/V repeated to the H query heads once, with the explicit mask.
+   On CUDA every call may use only the flash / memory-efficient / cuDNN kernels: a layout that would fall
+   back to the math kernel (fp32 upcast, K/V repeated, scores kept for backward) is an error naming its
+   shapes, never a silent slowdown. A query with no visible key (a left pad) may see itself, so no row is
+   all -inf (its output is ignored anyway).
 3. Positions are per row: the i-th real token of a row has position i, whatever the padding (*ref*).
 4. Unsupported features (another architecture, a rope type other than default/llama3, sliding-window
    attention) raise a ValueError that names them, never a silent default (*ours*).
@@ -21,16 +28,21 @@ KV-cache contract (what `sample.py` uses):
     cache = model.new_cache(batch_size, max_len)     # KVCache: k, v of shape (L, B, Hkv, max_len, D)
     logits = model(idx, pos, cache=cache, start=s, key_mask=km)
   writes the keys/values of the T new tokens `idx` (B, T) into cache slots [s, s+T) and attends over
-  slots [0, s+T) only (the live length, never the whole buffer). `key_mask` (B, s+T) bool marks which
-  slots hold real tokens (False for left padding); `pos` (B, T) are the RoPE positions of the new
-  tokens. Cache rows may be reordered or copied freely between calls (`cache.k[:, rows]`), e.g. to fan a
-  prefilled prompt out to its G samples.
+  slots [0, S) only, S = key_mask.shape[1] (never the whole buffer). `key_mask` (B, S) bool marks which
+  slots hold real tokens (False for left padding), the T new ones included; `pos` (B, T) are the RoPE
+  positions of the new tokens. Cache rows may be reordered or copied freely between calls (`cache.k[:, rows]`),
+  e.g. to fan a prefilled prompt out to its G samples.
+  - `start` an int: S = s+T, the live length (slicing; the host knows s).
+  - `start` a 0-dim long tensor on the device (CUDA-graph decode): the new keys/values are written with
+    `index_copy_` at slots start..start+T-1 and S is a static length the caller picks (a bucket), with
+    key_mask False on slots not yet written; no host sync anywhere on this path.
 
 Letters: B batch, T new tokens, S attended slots, C channels (hidden_size), H heads, Hkv kv heads,
 D head_dim, L layers, V vocab.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -40,6 +52,7 @@ from datetime import datetime
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 ROPE_TYPES = ("default", "llama3")
@@ -178,6 +191,88 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+
+def fused_only(device: torch.device):
+    """On CUDA, SDPA may pick a fused kernel only, never the math fallback (choice 2); off elsewhere (the CPU
+    kernels take every layout). Entered once per forward, not per layer: the context costs tens of microseconds.
+    A block recomputed in backward (checkpointing) runs outside it, on the shapes that already passed."""
+    return sdpa_kernel(FUSED) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def describe(q, k, v, mask, causal, gqa) -> str:
+    m = "None" if mask is None else f"{tuple(mask.shape)} {mask.dtype}"
+    return f"q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} {q.dtype}, mask {m}, causal={causal}, gqa={gqa}"
+
+
+def sdpa(q, k, v, mask, causal: bool, gqa: bool):
+    """F.scaled_dot_product_attention; under `fused_only`, "no kernel" is re-raised naming the call."""
+    try:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    except RuntimeError as e:
+        if "No available kernel" not in str(e) and "No viable backend" not in str(e):  # CUDA's words, CPU's
+            raise
+        raise RuntimeError(
+            f"no fused attention kernel (flash / memory-efficient / cuDNN) takes {describe(q, k, v, mask, causal, gqa)}"
+            " -- it would run the slow math kernel. Flash and cuDNN need fp16/bf16: load the model in bf16."
+        ) from e
+
+
+def attend(q, k, v, mask):
+    """Attention of q (B, H, T, D) over k, v (B, Hkv, S, D) in a layout the fused kernels accept (choice 2).
+    mask None means causal with T == S; else a bool (B, 1, T, S), True where a query may see a key."""
+    B, H, T, D = q.shape
+    g = H // k.shape[1]  # queries per kv head
+    if mask is None:  # nothing padded before a real token: flash, GQA native, no scores stored
+        if g > 1 and q.is_cuda and q.dtype == torch.float32:  # flash / cuDNN need 16 bits: memory-efficient, H heads
+            k, v, g = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), 1
+        return sdpa(q, k, v, None, True, g > 1)
+    if T == 1 and g > 1:  # decode: the group is the query axis, the (B, 1, 1, S) mask broadcasts over it
+        return sdpa(q.view(B, k.shape[1], g, D), k, v, mask, False, False).view(B, H, 1, D)
+    if g > 1:  # padded prefill: the memory-efficient kernel takes a mask with equal head counts only
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # (B, H, S, D)
+    return sdpa(q, k, v, mask, False, False)
+
+
+def sdpa_backend(q, k, v, mask=None, causal: bool = False, gqa: bool = False) -> str:
+    """Which backend runs this call: the first, in torch's current priority order, that does not refuse it.
+    For checking layouts on a GPU (`record_attention`), not for the forward pass: it runs the call up to 5 times."""
+    for b in torch._C._get_sdp_priority_order():
+        b = SDPBackend(b)
+        if b in (SDPBackend.ERROR, SDPBackend.OVERRIDEABLE):
+            continue
+        try:
+            with sdpa_kernel([b]):
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+            return b.name
+        except RuntimeError:
+            continue
+    return "none"
+
+
+@contextlib.contextmanager
+def record_attention():
+    """Record every SDPA call made inside the block: its description and, on CUDA, the backend that runs it.
+        with record_attention() as calls: model(idx)
+    Swaps this module's `sdpa` for a recording one, so the forward pass pays nothing outside the block."""
+    global sdpa
+    plain, calls = sdpa, []
+
+    def recording(q, k, v, mask, causal, gqa):
+        y = plain(q, k, v, mask, causal, gqa)  # first: torch settles its CUDA priority order on the first call
+        with torch.no_grad():
+            used = sdpa_backend(q, k, v, mask, causal, gqa) if q.is_cuda else "cpu"
+        calls.append((describe(q, k, v, mask, causal, gqa), used))
+        return y
+
+    sdpa = recording
+    try:
+        yield calls
+    finally:
+        sdpa = plain
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -201,12 +296,18 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = rotate(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = rotate(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
-        if kv is not None:  # write the new keys/values into the cache, attend over the live slots only
+        if kv is not None:  # write the new keys/values into the cache, attend over slots [0, S) only
             k_cache, v_cache = kv
-            k_cache[:, :, start : start + T] = k
-            v_cache[:, :, start : start + T] = v
-            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, Hkv, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.Hkv != self.H)  # (B, H, T, D)
+            S = start + T if mask is None else mask.shape[-1]
+            if isinstance(start, torch.Tensor):  # static length: no host sync, CUDA-graph safe
+                slots = start + torch.arange(T, device=start.device)  # (T,)
+                k_cache.index_copy_(2, slots, k)
+                v_cache.index_copy_(2, slots, v)
+            else:
+                k_cache[:, :, start : start + T] = k
+                v_cache[:, :, start : start + T] = v
+            k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # (B, Hkv, S, D)
+        y = attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
 
 
@@ -272,32 +373,40 @@ class Transformer(nn.Module):
         """Logits (B, T, V) for tokens idx (B, T); with hidden_only, the final-norm hidden states (B, T, C).
 
         Without a cache: `attention_mask` (B, T) marks real tokens (1) and padding (0), left or right; the
-        positions default to the running count of real tokens. With a cache: see the module docstring.
+        positions default to the running count of real tokens. Without an attention_mask every row is causal
+        over all T columns with positions 0..T-1 (no mask: the flash kernel's layout, choice 2), which is also
+        exact for the real tokens of right-padded rows, whose padding comes after them all (grpo.pack's layout).
+        With a cache: see the module docstring.
         """
         B, T = idx.shape
         dev = idx.device
         if cache is None:
-            key_mask = (
-                torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
-            )
+            key_mask = None if attention_mask is None else attention_mask.bool()
         elif key_mask is None:
-            key_mask = torch.ones(B, start + T, dtype=torch.bool, device=dev)
-        if pos is None:  # i-th real token of a row has position i (choice 3)
-            pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        S = key_mask.shape[1]
-        # mask (B, 1, T, S): a query at slot start+t sees real keys at slots <= its own, and itself (choice 2)
-        q_slot = torch.arange(start, start + T, device=dev)[:, None]  # (T, 1)
-        k_slot = torch.arange(S, device=dev)[None, :]  # (1, S)
-        mask = (key_mask[:, None, :] & (k_slot <= q_slot)) | (k_slot == q_slot)  # (B, T, S)
-        mask = mask[:, None]
+            assert not isinstance(start, torch.Tensor), "a tensor start needs a key_mask of the static length"
+            if start > 0:  # an unpadded prefill (start 0) stays causal with no mask
+                key_mask = torch.ones(B, start + T, dtype=torch.bool, device=dev)
+        if key_mask is None:  # causal, no mask (choice 2)
+            mask = None
+            if pos is None:
+                pos = torch.arange(T, device=dev).expand(B, T)
+        else:
+            S = key_mask.shape[1]
+            q_slot = (start + torch.arange(T, device=dev))[:, None]  # (T, 1): the slots of the new tokens
+            if pos is None:  # i-th real token of a row has position i (choice 3)
+                pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0).gather(1, q_slot.T.expand(B, T))  # (B, T)
+            # mask (B, 1, T, S): a query at slot start+t sees real keys at slots <= its own, and itself (choice 2)
+            k_slot = torch.arange(S, device=dev)[None, :]  # (1, S)
+            mask = ((key_mask[:, None, :] & (k_slot <= q_slot)) | (k_slot == q_slot))[:, None]
         # RoPE angles in fp32 (choice 1)
         freqs = pos.float()[..., None] * self.inv_freq.float()  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         x = self.model.embed_tokens(idx)  # (B, T, C)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x = layer(x, cos, sin, mask, kv, start)
+        with fused_only(x.device):
+            for i, layer in enumerate(self.model.layers):
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                x = layer(x, cos, sin, mask, kv, start)
         x = self.model.norm(x)
         return x if hidden_only else self.lm_head(x)
 

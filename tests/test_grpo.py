@@ -160,19 +160,22 @@ def toy_rollouts(V, seed=0, N=5, T=6):
 
 
 def plain_logprobs(model, prompts, tokens, mask, pad_id=0, temperature=1.0):
-    """The obvious way: full (N, P+T, V) logits, log_softmax, gather."""
-    ids, am, P = grpo.pack(prompts, tokens, mask, pad_id)
-    logits = model(ids, attention_mask=am).float() / temperature  # (N, P+T, V)
-    lp = logits[:, P - 1 : -1].log_softmax(-1).gather(-1, ids[:, P:, None]).squeeze(-1)
-    lp = lp * am[:, P:]  # (N, T') with T' the longest completion
-    return F.pad(lp, (0, tokens.shape[1] - lp.shape[1]))  # (N, T)
+    """The obvious way, from first principles: each row alone, unpadded: full logits, log_softmax, gather."""
+    out = torch.zeros(tokens.shape)
+    for i, p in enumerate(prompts):
+        n = int(mask[i].sum())
+        seq = torch.tensor([list(p) + tokens[i, :n].tolist()])  # (1, len(p) + n)
+        logits = model(seq)[0].float() / temperature  # (len(p) + n, V)
+        lp = logits[len(p) - 1 : -1].log_softmax(-1)  # (n, V): the state before each completion token
+        out[i, :n] = lp.gather(-1, seq[0, len(p) :, None]).squeeze(-1)
+    return out  # (N, T)
 
 
 def test_pack_layout():
-    ids, am, P = grpo.pack([[5, 6], [7]], torch.tensor([[1, 2, 0], [3, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]]), 9)
-    assert P == 2
-    assert ids.tolist() == [[5, 6, 1, 2], [9, 7, 3, 0]]  # left-padded prompt | completion trimmed to T = 2
-    assert am.tolist() == [[True] * 4, [False, True, True, False]]
+    ids, cm, P = grpo.pack([[5, 6], [7]], torch.tensor([[1, 2, 0], [3, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]]), 9)
+    assert P == 2 and ids.shape[1] - P == 2  # T = 2: the longest completion
+    assert ids.tolist() == [[5, 6, 1, 2], [7, 3, 9, 9]]  # prompt | completion | right padding, W = 4
+    assert cm.tolist() == [[False, False, True, True], [False, True, False, False]]
 
 
 @pytest.mark.parametrize("chunk", [3, 1000])
@@ -270,9 +273,9 @@ def test_sft_gradient_equals_cross_entropy(make_checkpoint):
     model = tiny_model(make_checkpoint)
     adapter = NormAdapter(model)
     prompts, tokens, mask = toy_rollouts(model.cfg.vocab_size, seed=5)
-    ids, am, P = grpo.pack(prompts, tokens, mask, 0)
-    logits = model(ids, attention_mask=am)[:, P - 1 : -1]  # (N, T, V)
-    tgt = ids[:, P:].masked_fill(~am[:, P:], -100)
+    ids, cm, P = grpo.pack(prompts, tokens, mask, 0)
+    logits = model(ids)[:, :-1]  # (N, W-1, V): rows [prompt | completion | padding], causal
+    tgt = ids[:, 1:].masked_fill(~cm[:, 1:], -100)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
     want = torch.autograd.grad(ce, adapter.params)[0]
     loss = grpo.sft_backward(model, prompts, tokens, mask, pad_id=0, micro_batch=2, chunk=3)
