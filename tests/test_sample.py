@@ -1,6 +1,7 @@
 """
-sample.py against independent references: full-sequence forwards without a cache, transformers' logits warpers and
-greedy `generate`, hand-computed distributions. Run: `python -m pytest -q tests/test_sample.py`.
+sample.py (and the CPU fast path in kernels.py) against independent references: full-sequence forwards without a
+cache, transformers' logits warpers and greedy `generate`, hand-computed distributions.
+Run: `python -m pytest -q tests/test_sample.py`.
 """
 
 import math
@@ -8,6 +9,7 @@ import math
 import pytest
 import torch
 
+import kernels
 import sample
 from model import load_model
 
@@ -210,7 +212,7 @@ def test_triton_mode_without_gpu_or_interpreter_is_refused(qwen2, monkeypatch):
 # the CPU path: oneDNN-prepacked weights, sibling projections in one matmul
 
 needs_onednn = pytest.mark.skipif(
-    not sample.onednn_packs(torch.float32), reason="this torch build cannot prepack fp32 weights for oneDNN"
+    not kernels.onednn_packs(torch.float32), reason="this torch build cannot prepack fp32 weights for oneDNN"
 )
 
 
@@ -231,7 +233,7 @@ def test_packed_siblings_equal_separate_linears_in_float64(low_dtype):
         y = torch.nn.functional.linear(x.double(), W, b)
         return y if A is None else y + (x.double() @ A) @ U.T
 
-    packed = sample.PackedLinears(parts, rows=6)
+    packed = kernels.PackedLinears(parts, rows=6)
     assert packed.fold == (low_dtype == torch.float32)
     x = rnd(2, 3, K)  # (B, T, K)
     for i in (2, 0, 1, 0):  # any order, and a sibling asked twice recomputes
@@ -243,7 +245,7 @@ def test_packed_siblings_equal_separate_linears_in_float64(low_dtype):
     x2.mul_(3)  # the same tensor changed in place: its siblings must not get the stale outputs
     torch.testing.assert_close(packed.part(1, x2).double(), ref(1, x2), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(packed.part(2, x2).double(), ref(2, x2), atol=1e-4, rtol=1e-5)
-    lone = sample.PackedLinears(parts[:1], rows=6)  # a lone adapted linear: its own output columns only
+    lone = kernels.PackedLinears(parts[:1], rows=6)  # a lone adapted linear: its own output columns only
     torch.testing.assert_close(lone.part(0, x).double(), ref(0, x), atol=1e-4, rtol=1e-5)
 
 
@@ -254,11 +256,11 @@ def test_packed_cpu_path_swaps_every_linear_and_matches_the_torch_path(qwen2, ad
     with torch.no_grad():
         for model in (qwen2, adapted[0]):
             ref = model(ids)
-            with sample.sampling_forwards(model, "auto", rows=4) as n:
+            with kernels.sampling_forwards(model, "auto", rows=4) as n:
                 got = model(ids)
             assert n == n_linears
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-            with sample.sampling_forwards(model, "torch", rows=4) as n:  # the plain path packs nothing
+            with kernels.sampling_forwards(model, "torch", rows=4) as n:  # the plain path packs nothing
                 assert n == (0 if model is qwen2 else n_linears - 1)  # ... and swaps only the adapter modules
     a = gen(qwen2, G=2, max_new_tokens=12, mode="auto")
     b = gen(qwen2, G=2, max_new_tokens=12, mode="torch")
@@ -286,11 +288,11 @@ def test_packed_path_equals_plain_path_for_every_adapter_method(make_checkpoint,
 
 @needs_onednn
 def test_packed_path_steps_aside_when_memory_is_short(qwen2, monkeypatch):
-    with sample.sampling_forwards(qwen2, "auto", rows=4) as n:
+    with kernels.sampling_forwards(qwen2, "auto", rows=4) as n:
         assert n > 0
-    monkeypatch.setattr(sample, "available_memory", lambda: 1000)  # 1 kB free: the copy would not fit
+    monkeypatch.setattr(kernels, "available_memory", lambda: 1000)  # 1 kB free: the copy would not fit
     with pytest.warns(UserWarning, match="plain F.linear"):
-        with sample.sampling_forwards(qwen2, "auto", rows=4) as n:
+        with kernels.sampling_forwards(qwen2, "auto", rows=4) as n:
             assert n == 0
         out = gen(qwen2, max_new_tokens=4)
     assert out.mask.all()
