@@ -21,10 +21,14 @@ KV-cache contract (what `sample.py` uses):
     cache = model.new_cache(batch_size, max_len)     # KVCache: k, v of shape (L, B, Hkv, max_len, D)
     logits = model(idx, pos, cache=cache, start=s, key_mask=km)
   writes the keys/values of the T new tokens `idx` (B, T) into cache slots [s, s+T) and attends over
-  slots [0, s+T) only (the live length, never the whole buffer). `key_mask` (B, s+T) bool marks which
-  slots hold real tokens (False for left padding); `pos` (B, T) are the RoPE positions of the new
-  tokens. Cache rows may be reordered or copied freely between calls (`cache.k[:, rows]`), e.g. to fan a
-  prefilled prompt out to its G samples.
+  slots [0, S) only, S = key_mask.shape[1] (never the whole buffer). `key_mask` (B, S) bool marks which
+  slots hold real tokens (False for left padding), the T new ones included; `pos` (B, T) are the RoPE
+  positions of the new tokens. Cache rows may be reordered or copied freely between calls (`cache.k[:, rows]`),
+  e.g. to fan a prefilled prompt out to its G samples.
+  - `start` an int: S = s+T, the live length (slicing; the host knows s).
+  - `start` a 0-dim long tensor on the device (CUDA-graph decode): the new keys/values are written with
+    `index_copy_` at slots start..start+T-1 and S is a static length the caller picks (a bucket), with
+    key_mask False on slots not yet written; no host sync anywhere on this path.
 
 Letters: B batch, T new tokens, S attended slots, C channels (hidden_size), H heads, Hkv kv heads,
 D head_dim, L layers, V vocab.
@@ -201,11 +205,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = rotate(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = rotate(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
-        if kv is not None:  # write the new keys/values into the cache, attend over the live slots only
+        if kv is not None:  # write the new keys/values into the cache, attend over slots [0, S) only
             k_cache, v_cache = kv
-            k_cache[:, :, start : start + T] = k
-            v_cache[:, :, start : start + T] = v
-            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, Hkv, S, D)
+            S = mask.shape[-1]
+            if isinstance(start, torch.Tensor):  # static length: no host sync, CUDA-graph safe
+                slots = start + torch.arange(T, device=start.device)  # (T,)
+                k_cache.index_copy_(2, slots, k)
+                v_cache.index_copy_(2, slots, v)
+            else:
+                k_cache[:, :, start : start + T] = k
+                v_cache[:, :, start : start + T] = v
+            k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # (B, Hkv, S, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.Hkv != self.H)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
 
@@ -281,12 +291,13 @@ class Transformer(nn.Module):
                 torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
             )
         elif key_mask is None:
+            assert not isinstance(start, torch.Tensor), "a tensor start needs a key_mask of the static length"
             key_mask = torch.ones(B, start + T, dtype=torch.bool, device=dev)
-        if pos is None:  # i-th real token of a row has position i (choice 3)
-            pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
         S = key_mask.shape[1]
+        q_slot = (start + torch.arange(T, device=dev))[:, None]  # (T, 1): the slots of the new tokens
+        if pos is None:  # i-th real token of a row has position i (choice 3)
+            pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0).gather(1, q_slot.T.expand(B, T))  # (B, T)
         # mask (B, 1, T, S): a query at slot start+t sees real keys at slots <= its own, and itself (choice 2)
-        q_slot = torch.arange(start, start + T, device=dev)[:, None]  # (T, 1)
         k_slot = torch.arange(S, device=dev)[None, :]  # (1, S)
         mask = (key_mask[:, None, :] & (k_slot <= q_slot)) | (k_slot == q_slot)  # (B, T, S)
         mask = mask[:, None]
