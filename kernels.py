@@ -8,6 +8,9 @@ tests/test_sample.py check that every path here computes what it does. Measured 
     CPU ("auto"):            every linear through oneDNN with prepacked weights, model.SIBLINGS as one matmul.
     "merged":                W + U M Vᵀ rounded to bf16, as a merged-weight serving stack samples (comparison only).
 
+and the decode step over a static attended length (`StaticDecode`), eager or replayed as CUDA graphs, the drop-in
+for sample.live_step that sample.generate picks by `decode`.
+
 Choices, each marked *paper* or *ours*:
 1. Split kernel, s = x A apart from the GEMM (*ours*): fusing it into the K loop adds registers to every tile and is
    known to lose at large M. The K = r contractions are FMA updates: `tl.dot` needs every dimension >= 16.
@@ -19,6 +22,11 @@ Choices, each marked *paper* or *ours*:
    skipped, with a warning, where it would take over half the free memory (*ours*).
 5. oneDNN sums in another order than the trainer's MKL (*ours*, accepted): fp32 sampler-vs-trainer |Δ log p| stays
    within 1e-5 on the test model; SmolLM2's figures are in docs/BENCHMARKS.md section 3.
+
+6. Static attended lengths are multiples of BUCKET = 256 slots (*ours*): a decode step reads up to 255 masked slots
+   per row more than the live length needs, and a sampling call of up to 4,096 tokens captures at most ~17 graphs.
+7. One CUDA graph per (rows, bucket), captured on first use after one eager warm-up step on a side stream, all in
+   one memory pool (*ours*): replays go in capture order and each step's logits are read before the next replay.
 
 Letters: M rows of x, K = d_in, Nout = d_out, r the adapter rank (R: ranks of siblings summed).
 """
@@ -365,3 +373,60 @@ def sampling_forwards(model, mode="auto", rows=1):
     finally:
         for m in swapped:  # drop the instance attribute: the class's forward is back
             del m.forward
+
+
+# -----------------------------------------------------------------------------
+# the decode step over a static attended length: no host sync, fixed shapes, CUDA-graph replay (choices 6, 7)
+
+BUCKET = 256  # static attended lengths are multiples of this many slots (choice 6)
+
+
+class StaticDecode:
+    """sample.live_step's drop-in: model(x, pos + t, start = Lp + t) over slots [0, S), S = Lp + t + 1 rounded up to
+    BUCKET (capped at the cache), the write slot `start` a 0-dim device tensor (model.py's static-length contract).
+
+    how="static" runs it eagerly (the form the CPU tests check against live_step), "graph" captures one
+    torch.cuda.CUDAGraph per S and replays it, "compile" hands it to torch.compile(mode="reduce-overhead").
+    """
+
+    def __init__(self, model, cache, key_mask, pos, Lp: int, how: str = "static"):
+        assert how in ("static", "graph", "compile"), how
+        self.model, self.cache, self.key_mask, self.Lp, self.how = model, cache, key_mask, Lp, how
+        dev = key_mask.device
+        self.x = torch.zeros(pos.shape[0], 1, dtype=torch.long, device=dev)  # (n, 1) the step's input tokens
+        self.pos0, self.pos = pos, pos.clone()  # (n, 1) first generated position, and this step's
+        self.start = torch.zeros((), dtype=torch.long, device=dev)  # the slot this step writes
+        self.graphs, self.pool = {}, None  # S -> (graph, its logits); one memory pool for all (choice 7)
+        if how == "compile":
+            self.compiled = torch.compile(self.forward, mode="reduce-overhead")
+
+    def forward(self, key_mask):
+        return self.model(self.x, self.pos, cache=self.cache, start=self.start, key_mask=key_mask)[:, -1]  # (n, V)
+
+    def __call__(self, x, t: int):
+        S = min(-(-(self.Lp + t + 1) // BUCKET) * BUCKET, self.key_mask.shape[1])
+        self.x.copy_(x)  # device-side updates of the static inputs: no host sync
+        torch.add(self.pos0, t, out=self.pos)
+        self.start.fill_(self.Lp + t)
+        if self.how == "static":
+            return self.forward(self.key_mask[:, :S])
+        if self.how == "compile":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been read
+            return self.compiled(self.key_mask[:, :S])
+        if S not in self.graphs:
+            self.graphs[S] = self.capture(S)
+        graph, logits = self.graphs[S]
+        graph.replay()
+        return logits
+
+    def capture(self, S: int):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (Triton compiles, cuBLAS picks); it writes what the replay will write
+            self.forward(self.key_mask[:, :S])
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.forward(self.key_mask[:, :S])
+        self.pool = graph.pool()
+        return graph, logits

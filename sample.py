@@ -18,11 +18,17 @@ Choices, each marked *paper* (what the paper's stack did) or *ours*:
 5. `logp` is the log-prob under the distribution drawn from (*ours*): the tempered, filtered log_softmax, so the
    model's own at temperature 1 without filtering (what GRPO's ratio needs); greedy gives the temperature-1 value.
 6. Prompts are left-padded with per-row positions (the i-th real token has position i); all rows decode in
-   lock-step into one preallocated cache, each step attending over the live slots only (*ours*).
+   lock-step into one preallocated cache (*ours*).
 7. A prompt sampled G times is prefilled once into row i*G and its keys/values copied to its G-1 other rows
    (*ours*). Rows are prompt-major: row i*G + g is sample g of prompt i.
 8. Finished rows emit pad_id with mask False; the all-finished check is a host sync, so on CUDA it runs every
    SYNC_EVERY steps (*ours*).
+9. The draw's uniforms are a counter-based hash of (seed, row, step) (*ours*): a row's noise does not depend on the
+   other rows in the batch (so 10 changes no draw) and no generator state lives in a CUDA graph.
+10. Once at most COMPACT_AT of the rows are live (seen at a sync), finished rows leave the batch and the cache (*ours*):
+   the tail pays for the live rows' keys/values only (`dev/tail.py` measures how much of a call is tail).
+11. Decode step (*ours*): "live" attends over the live slots; "static" over the live length rounded up to
+   kernels.BUCKET, write slot on device, no host sync; "graph" replays that as CUDA graphs (default on CUDA).
 
 Letters: N rows (= prompts × G), P prompts, G samples per prompt, T new tokens, S cache slots, Lp padded prompt
 length, V vocab, r the adapter rank.
@@ -37,7 +43,9 @@ import torch.nn.functional as F
 import kernels
 
 MODES = ("auto", "torch", "triton", "merged")  # which linears run: kernels.py picks by mode
+DECODES = ("auto", "live", "static", "graph", "compile")  # how the decode step runs (choice 11)
 SYNC_EVERY = 8  # decode steps between all-finished checks on CUDA (a host sync); CPU checks every step
+COMPACT_AT = 0.5  # drop finished rows once at most this fraction of the batch is live (choice 10)
 
 
 @dataclass
@@ -108,8 +116,9 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     return z, ids
 
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Next token (N,) and its log-prob (N,) under the distribution it was drawn from (module docstring, choice 5)."""
+def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """Next token (N,) and its log-prob (N,) under the distribution it was drawn from (choice 5), drawn by inverting
+    the cumulative distribution at the uniforms u (N,) fp64 in [0, 1) (choice 4)."""
     if temperature == 0:  # greedy; logp is the temperature-1 log-softmax of the argmax
         tok = logits.argmax(-1)  # (N,)
         return tok, logits.float().log_softmax(-1).gather(-1, tok[:, None])[:, 0]
@@ -117,18 +126,38 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     logp = z.log_softmax(-1)  # (N, C)
     cdf = logp.exp().double().cumsum(-1)  # (N, C) running mass in fp64
     total = cdf[:, -1:]  # (N, 1), 1 up to rounding
-    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=total.device) * total
-    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # u < total even if the product rounds up
+    u = torch.minimum(u[:, None] * total, total.nextafter(torch.zeros_like(total)))  # u < total even if it rounds up
     j = torch.searchsorted(cdf, u, right=True)  # (N, 1): first candidate whose running mass passes u, so p_j > 0
     tok = j if ids is None else ids.gather(-1, j)
     return tok[:, 0], logp.gather(-1, j)[:, 0]
+
+
+def mix32(x):
+    """A 32-bit integer hash (the "lowbias32" finaliser) on int64 tensors holding values < 2**32; each product is
+    split into 16-bit halves of the constant so nothing overflows int64."""
+    for shift, c in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = x ^ (x >> shift)
+        x = (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF  # x * c mod 2**32
+    return x ^ (x >> 16)
+
+
+def row_keys(seed, rows):
+    """(N,) 32-bit keys of rows (N,) long, from seed (2,) long: the per-row half of the counter-based draw."""
+    return mix32(mix32(rows ^ seed[0]) ^ seed[1])
+
+
+def uniforms(keys, t: int):
+    """(N,) fp64 uniforms in [0, 1) for step t, a pure function of (seed, row, t) (choice 9): 53 bits from two
+    hashes of the row's key and the step."""
+    h = mix32(mix32(keys[:, None] ^ torch.tensor([2 * t, 2 * t + 1], device=keys.device)))  # (N, 2), < 2**32
+    return ((h[:, 0] << 21) | (h[:, 1] >> 11)).double() * 2.0**-53
 
 
 # -----------------------------------------------------------------------------
 # generate
 
 
-def check_args(prompts, G, max_new_tokens, temperature, top_k, top_p, vocab_size, mode):
+def check_args(prompts, G, max_new_tokens, temperature, top_k, top_p, vocab_size, mode, decode, device):
     if not prompts or not all(isinstance(p, (list, tuple)) and len(p) > 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists (tokenize the prompts first)")
     if not all(isinstance(t, int) and 0 <= t < vocab_size for p in prompts for t in p):
@@ -139,6 +168,24 @@ def check_args(prompts, G, max_new_tokens, temperature, top_k, top_p, vocab_size
         raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    if decode not in DECODES:
+        raise ValueError(f"decode={decode!r} is not one of {DECODES}")
+    if decode == "graph" and device.type != "cuda":
+        raise ValueError("decode='graph' captures CUDA graphs and needs a CUDA device; use 'static' or 'live' here")
+
+
+def live_step(model, cache, key_mask, pos, Lp):
+    """The plain decode step: the tokens x (n, 1) of step t into slot Lp + t, attending over the live slots only."""
+    return lambda x, t: model(x, pos + t, cache=cache, start=Lp + t, key_mask=key_mask[:, : Lp + t + 1])[:, -1]
+
+
+def keep_rows(cache, keep):
+    """The cache holding only rows keep (n,), moved to the front of the same buffers one layer at a time (choice 10)."""
+    n = len(keep)
+    for buf in (cache.k, cache.v):
+        for layer in range(buf.shape[0]):
+            buf[layer, :n] = buf[layer, keep]  # (n, Hkv, S, D): the gather copies before the write
+    return type(cache)(cache.k[:, :n], cache.v[:, :n])
 
 
 @torch.no_grad()  # not inference_mode: the returned tensors are used later next to tensors that need grad
@@ -155,37 +202,50 @@ def generate(
     pad_id=0,
     generator=None,
     mode="auto",
+    decode="auto",
+    compact=True,
 ) -> Rollouts:
     """Sample G completions of every prompt (token-id lists) in one lock-step batch through a preallocated KV cache.
 
     temperature 0 is greedy. Returns Rollouts; see the module docstring for the logp definition (choice 5).
+    mode picks the linears' path (MODES), decode the decode step's (DECODES, choice 11); compact drops finished
+    rows from the batch once at most half are live (choice 10).
     """
     dev = model.model.embed_tokens.weight.device
-    check_args(prompts, G, max_new_tokens, temperature, top_k, top_p, model.cfg.vocab_size, mode)
+    check_args(prompts, G, max_new_tokens, temperature, top_k, top_p, model.cfg.vocab_size, mode, decode, dev)
     if generator is not None and generator.device.type != dev.type:
         raise ValueError(
             f"the generator is on {generator.device} but the model on {dev}: make it on the model's device"
         )
+    decode = ("graph" if dev.type == "cuda" else "live") if decode == "auto" else decode
     P, T = len(prompts), max_new_tokens
     N = P * G
     lens = torch.tensor([len(p) for p in prompts], device=dev)  # (P,)
     Lp = max(len(p) for p in prompts)
     idx = torch.tensor([[pad_id] * (Lp - len(p)) + list(p) for p in prompts], device=dev)  # (P, Lp), left-padded
-    key_mask = torch.ones(N, Lp + T, dtype=torch.bool, device=dev)  # (N, S): generated slots are always real
+    key_mask = torch.zeros(N, Lp + T, dtype=torch.bool, device=dev)  # (N, S): True once a slot holds a real token
     key_mask[:, :Lp] = (torch.arange(Lp, device=dev) >= Lp - lens[:, None]).repeat_interleave(G, 0)  # pads off
     cache = model.new_cache(N, Lp + T)  # k, v: (L, N, Hkv, S, D)
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
     tokens = torch.full((N, T), pad_id, dtype=torch.long, device=dev)
     mask = torch.zeros(N, T, dtype=torch.bool, device=dev)
     logp = torch.zeros(N, T, dtype=torch.float32, device=dev)
-    done = torch.zeros(N, dtype=torch.bool, device=dev)
-    pos = lens.repeat_interleave(G)[:, None]  # (N, 1): the position of the first generated token
+    done = torch.zeros(N, dtype=torch.bool, device=dev)  # per original row
+    rows = torch.arange(N, device=dev)  # (n,): the original rows still in the batch
+    pos = lens.repeat_interleave(G)[:, None]  # (n, 1): the position of each row's first generated token
+    seed = torch.randint(0, 2**32, (2,), generator=generator, device=generator.device if generator else "cpu")
+    keys = row_keys(seed.to(dev), rows)  # (n,): the per-row half of the draw (choice 9)
     sync_every = SYNC_EVERY if dev.type == "cuda" else 1
+
+    def make_step():  # the decode step for the rows in the batch now: the plain one, or a static-length drop-in
+        if decode == "live":
+            return live_step(model, cache, key_mask, pos, Lp)
+        return kernels.StaticDecode(model, cache, key_mask, pos, Lp, how=decode)
+
     with kernels.sampling_forwards(model, mode, rows=N):  # the linears' path for this call
         # 1) prefill each prompt once, into cache rows 0, G, 2G, ... (a strided view of the big cache)
-        rows = slice(None, None, G)
-        sub = type(cache)(cache.k[:, rows], cache.v[:, rows])
-        h = model(idx, cache=sub, start=0, key_mask=key_mask[rows, :Lp], hidden_only=True)  # (P, Lp, C)
+        sub = type(cache)(cache.k[:, ::G], cache.v[:, ::G])
+        h = model(idx, cache=sub, start=0, key_mask=key_mask[::G, :Lp], hidden_only=True)  # (P, Lp, C)
         logits = model.lm_head(h[:, -1]).repeat_interleave(G, 0)  # (N, V): last position only, fanned out
         # 2) copy each prompt's keys/values to its other G-1 rows (choice 7)
         if G > 1:
@@ -193,18 +253,29 @@ def generate(
                 b = buf.view(buf.shape[0], P, G, *buf.shape[2:])  # (L, P, G, Hkv, S, D)
                 b[:, :, 1:, :, :Lp] = b[:, :, :1, :, :Lp]
         # 3) decode: sample, record, feed the token back; finished rows emit padding (choice 8)
-        t_end = T
+        step, t_end = make_step(), T
         for t in range(T):
-            tok, lp = sample_next(logits, temperature, top_k, top_p, generator)  # (N,), (N,)
-            tokens[:, t] = tok.masked_fill(done, pad_id)
-            logp[:, t] = lp.masked_fill(done, 0.0)
-            mask[:, t] = ~done
-            done |= torch.isin(tok, stop)
-            if t == T - 1 or ((t + 1) % sync_every == 0 and bool(done.all())):
-                t_end = t + 1
+            tok, lp = sample_next(logits, uniforms(keys, t), temperature, top_k, top_p)  # (n,), (n,)
+            fin = done[rows]  # (n,)
+            tokens[rows, t] = tok.masked_fill(fin, pad_id)
+            logp[rows, t] = lp.masked_fill(fin, 0.0)
+            mask[rows, t] = ~fin
+            fin = fin | torch.isin(tok, stop)
+            done[rows] = fin
+            if t == T - 1:
                 break
-            x = tokens[:, t : t + 1]  # (N, 1)
-            logits = model(x, pos + t, cache=cache, start=Lp + t, key_mask=key_mask[:, : Lp + t + 1])[:, -1]
+            if (t + 1) % sync_every == 0:  # a host sync: is anyone left, and are enough rows finished to drop them?
+                live = int((~fin).sum())
+                if live == 0:
+                    t_end = t + 1
+                    break
+                if compact and live <= len(rows) * COMPACT_AT:  # 4) drop the finished rows (choice 10)
+                    keep = (~fin).nonzero()[:, 0]  # (n',)
+                    cache, key_mask, pos = keep_rows(cache, keep), key_mask[keep], pos[keep]
+                    rows, keys, tok, fin = rows[keep], keys[keep], tok[keep], fin[keep]
+                    step = make_step()
+            key_mask[:, Lp + t] = True  # the slot this step writes
+            logits = step(tok.masked_fill(fin, pad_id)[:, None], t)  # (n, V)
     finish = ["stop" if d else "length" for d in done.tolist()]
     return Rollouts(
         prompts=[list(p) for p in prompts for _ in range(G)],
