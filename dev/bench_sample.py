@@ -1,5 +1,5 @@
 """
-Benchmarks for sample.py; every ratio is measured within one run.
+Benchmarks for sample.py and its fast paths (kernels.py); every ratio is measured within one run.
 
     python dev/bench_sample.py --what cpu        # ours vs transformers generate, SmolLM2-135M-Instruct, batch 16
     python dev/bench_sample.py --what gemm       # CPU: one decode step's matmuls, streamed: GB/s of each library
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import kernels  # noqa: E402
 import sample  # noqa: E402
 from model import Config, Tokenizer, Transformer, load_model, rope_inv_freq  # noqa: E402
 
@@ -208,12 +209,12 @@ def bench_gemm(args):
     t["F.linear (MKL), one per projection"] = best(lambda: [F.linear(xs[W.shape[1]], W) for W in Ws])
     Wn, xn = [W.numpy() for W in Ws], {K: x.numpy() for K, x in xs.items()}
     t["numpy x @ W.T (its bundled BLAS)"] = best(lambda: [xn[W.shape[1]] @ W.T for W in Wn])
-    packed = [(W.shape[1], sample.PackedLinears([(W, None, None, None)], args.batch)) for W in Ws]
+    packed = [(W.shape[1], kernels.PackedLinears([(W, None, None, None)], args.batch)) for W in Ws]
     t["oneDNN packed, one per projection"] = best(lambda: [p(xs[K]) for K, p in packed])
     packed.clear()  # free the copies before the fused ones are made
     groups = [
-        (g[0].weight.shape[1], sample.PackedLinears([sample.sampling_weights(m, "auto") for m in g], args.batch))
-        for g in sample.packed_groups(model)
+        (g[0].weight.shape[1], kernels.PackedLinears([sample.sampling_weights(m, "auto") for m in g], args.batch))
+        for g in kernels.packed_groups(model)
     ]
     t["oneDNN packed, q/k/v and gate/up fused (sample.py)"] = best(lambda: [p(xs[K]) for K, p in groups])
     print(f"{len(Ws)} weights, {nbytes / 1e6:.0f} MB fp32, x = {args.batch} rows, {args.threads} threads (best of 5)")
@@ -310,12 +311,12 @@ def bench_kernel(args):
         for M in args.M:
             x = torch.randn(M, K, device=dev, dtype=dt)
             t_ref = us(F.linear, x, W, b)  # the merged-weight baseline (cuBLAS)
-            t_fused = us(sample.lowrank_linear_triton, x, W, b, A, U)
-            t_torch = us(sample.lowrank_linear_torch, x, W, b, A, U)
+            t_fused = us(kernels.lowrank_linear_triton, x, W, b, A, U)
+            t_torch = us(sample.lowrank_linear, x, W, b, A, U)
             best = (float("inf"), None)
-            for _, bm, bn, bk, gm, w, s in sample.CONFIGS:  # the sweep that should retune sample.CONFIGS
+            for _, bm, bn, bk, gm, w, s in kernels.CONFIGS:  # the sweep that should retune kernels.CONFIGS
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
-                t = us(sample.lowrank_linear_triton, x, W, b, A, U, config=cfg)
+                t = us(kernels.lowrank_linear_triton, x, W, b, A, U, config=cfg)
                 best = min(best, (t, (bm, bn, bk, gm, w, s)), key=lambda z: z[0])
             gbs = (W.numel() + 2 * x.numel() + M * N) * 2 / (t_fused * 1e-6) / 1e9  # W, x (twice), y bytes
             print(

@@ -1,12 +1,12 @@
 """
-The Triton fused adapter-matmul in sample.py, on CPU: (1) under TRITON_INTERPRET=1 against a float64 PyTorch reference
+The Triton fused adapter-matmul in kernels.py, on CPU: (1) under TRITON_INTERPRET=1 against a float64 PyTorch reference
 at odd shapes and through `generate`; (2) compiled ahead of time for a Hopper GPU (sm_90), which enforces the shape and
 resource rules the interpreter does not (tl.dot dims >= 16, shared memory); (3) on a machine with a CUDA GPU, compiled
 for real against float64 with every config bucket and at 7B shapes, and through `generate`. Run: `python -m pytest -q
 tests/test_kernel.py`.
 
 Both run in a subprocess (this file run as a script): TRITON_INTERPRET must be set before triton is first imported,
-and other test files import it (through sample.py) without it.
+and other test files import it (through sample.py and kernels.py) without it.
 """
 
 import os
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("triton", reason="triton is not installed (it ships with torch on Linux)")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: these run the kernel compiled")
 
-# (M, N, K, r, bias): M = 1 decode; M, N, K off the tiles; N = 512; one shape per config bucket of sample.CONFIGS
+# (M, N, K, r, bias): M = 1 decode; M, N, K off the tiles; N = 512; one shape per config bucket of kernels.CONFIGS
 SHAPES = [
     (1, 512, 96, 2, True),
     (1, 40, 300, 2, False),
@@ -78,11 +78,11 @@ REAL_SHAPES = [(M, N, 3584, 2, bias) for M in (1, 64, 4096) for N, bias in ((358
 
 def check_kernel(device="cpu"):
     """The kernel against float64 at SHAPES: under the interpreter on CPU; compiled on a GPU, also at Qwen2.5-7B
-    shapes and with every config bucket of sample.CONFIGS forced, not only the one pick_config chooses."""
+    shapes and with every config bucket of kernels.CONFIGS forced, not only the one pick_config chooses."""
     import torch
 
     sys.path.insert(0, str(ROOT))
-    import sample
+    import kernels
 
     g = torch.Generator().manual_seed(0)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative to the output's scale
@@ -101,9 +101,9 @@ def check_kernel(device="cpu"):
             A = (V @ Mr.T).contiguous()  # what sampling_forwards precomputes
             configs = [None]  # pick_config's choice
             if device == "cuda":
-                configs += [sample.pick_config(max_m or 4096, dtype) for max_m, *_ in sample.CONFIGS]
+                configs += [kernels.pick_config(max_m or 4096, dtype) for max_m, *_ in kernels.CONFIGS]
             for cfg in configs:
-                y = sample.lowrank_linear_triton(xd, Wd, bd, A, U.contiguous(), config=cfg)
+                y = kernels.lowrank_linear_triton(xd, Wd, bd, A, U.contiguous(), config=cfg)
                 assert y.dtype == dtype and y.shape == (M, N)
                 err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
                 assert err < tol[dtype], f"{(M, N, K, r, dtype, cfg)}: relative error {err:.2e}"
@@ -141,7 +141,7 @@ def check_aot():
     from triton.backends.compiler import GPUTarget
 
     sys.path.insert(0, str(ROOT))
-    import sample
+    import kernels
 
     target = GPUTarget("cuda", 90, 32)  # Hopper (H100/H200): compiles to a cubin with ptxas, no GPU needed
     ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -150,19 +150,19 @@ def check_aot():
         p = "*" + ty[dtype]
         # the s = x A kernel
         sig = dict(x_ptr=p, a_ptr="*fp32", s_ptr="*fp32", M="i32", K="i32", stride_xm="i32")
-        cx = dict(R=2, R_PAD=2, BLOCK_M=sample.XA_BLOCK_M, BLOCK_K=sample.XA_BLOCK_K)
-        compile_one(triton, sample._xa_kernel, sig, cx, {}, target)
+        cx = dict(R=2, R_PAD=2, BLOCK_M=kernels.XA_BLOCK_M, BLOCK_K=kernels.XA_BLOCK_K)
+        compile_one(triton, kernels._xa_kernel, sig, cx, {}, target)
         n += 1
         # the GEMM + epilogue, every config bucket, with and without a bias
-        for max_m, *_ in sample.CONFIGS:
-            cfg = sample.pick_config(max_m or 4096, dtype)
+        for max_m, *_ in kernels.CONFIGS:
+            cfg = kernels.pick_config(max_m or 4096, dtype)
             opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
             for has_bias in (True, False):
                 sig = dict(x_ptr=p, w_ptr=p, b_ptr=p, s_ptr="*fp32", u_ptr="*fp32", y_ptr=p)
                 sig.update(M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_ym="i32")
                 precision = "ieee" if dtype == torch.float32 else "tf32"
                 cx = dict(HAS_BIAS=has_bias, R=2, UPCAST=False, PRECISION=precision, **cfg)
-                k = compile_one(triton, sample._lowrank_linear_kernel, sig, cx, opts, target)
+                k = compile_one(triton, kernels._lowrank_linear_kernel, sig, cx, opts, target)
                 assert k.metadata.shared <= SMEM_LIMIT, f"{dtype} {cfg}: {k.metadata.shared} B of shared memory"
                 n += 1
     print(f"compiled {n} kernels for sm_90")

@@ -1,6 +1,7 @@
 """
-sample.py against independent references: full-sequence forwards without a cache, transformers' logits warpers and
-greedy `generate`, hand-computed distributions. Run: `python -m pytest -q tests/test_sample.py`.
+sample.py (and the CPU fast path in kernels.py) against independent references: full-sequence forwards without a
+cache, transformers' logits warpers and greedy `generate`, hand-computed distributions.
+Run: `python -m pytest -q tests/test_sample.py`.
 """
 
 import math
@@ -8,6 +9,7 @@ import math
 import pytest
 import torch
 
+import kernels
 import sample
 from model import load_model
 
@@ -125,13 +127,36 @@ def test_filter_semantics_on_crafted_logits():
 def test_draw_has_the_filtered_frequencies():
     p = torch.tensor([0.1, 0.5, 0.05, 0.25, 0.1])
     logits = p.log().expand(40000, 5)
-    g = torch.Generator().manual_seed(0)
-    tok, logp = sample.sample_next(logits, temperature=1.0, top_k=3, generator=g)
+    u = torch.rand(40000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tok, logp = sample.sample_next(logits, u, temperature=1.0, top_k=3)
     target = torch.tensor([0.1, 0.5, 0.0, 0.25, 0.0]) / 0.85  # ids 0 and 4 tie at 0.1: topk keeps the lower id
     freq = torch.bincount(tok, minlength=5).float() / len(tok)
     assert freq[2] == 0 and freq[4] == 0
     assert (freq - target).abs().max() < 4 * math.sqrt(0.25 / len(tok))  # 4 sigma of a binomial
     torch.testing.assert_close(logp, target.log()[tok])  # logp under the truncated distribution
+
+
+def test_counter_based_uniforms_match_a_python_hash_and_are_uniform():
+    def lowbias32(x):  # the published finaliser, with Python's unbounded ints
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    xs = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1] + torch.randint(0, 2**32, (500,)).tolist()
+    assert sample.mix32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]  # no int64 overflow anywhere
+    keys = sample.row_keys(torch.tensor([7, 2**32 - 5]), torch.arange(4096))  # (N,)
+    u = torch.stack([sample.uniforms(keys, t) for t in range(25)])  # (t, N)
+    assert u.dtype == torch.float64 and (u >= 0).all() and (u < 1).all()
+    counts = torch.histc(u.float(), bins=20, min=0, max=1)  # 102,400 draws: chi-square with 19 degrees of freedom
+    e = u.numel() / 20
+    assert ((counts - e) ** 2 / e).sum() < 50  # p ~ 1e-4 under uniformity
+    steps = torch.corrcoef(torch.stack([u[:-1].flatten(), u[1:].flatten()]))[0, 1]
+    rows = torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1]
+    assert steps.abs() < 0.02 and rows.abs() < 0.02  # neighbouring steps, neighbouring rows
+    other = sample.row_keys(torch.tensor([8, 2**32 - 5]), torch.arange(4096))  # another seed, other noise
+    assert (sample.uniforms(other, 0) != u[0]).float().mean() > 0.99
 
 
 # -----------------------------------------------------------------------------
@@ -207,10 +232,55 @@ def test_triton_mode_without_gpu_or_interpreter_is_refused(qwen2, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
+# the static-length decode and dropping finished rows give what the plain loop gives
+
+
+def assert_same(a, b, atol=1e-5):
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask) and a.finish == b.finish
+    torch.testing.assert_close(a.logp, b.logp, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_static_length_decode_equals_the_live_length_decode(qwen2, monkeypatch, temperature):
+    monkeypatch.setattr(kernels, "BUCKET", 8)  # several buckets within 20 tokens: the static length grows 3 times
+    kw = dict(G=2, max_new_tokens=20, temperature=temperature, compact=False)
+    live = gen(qwen2, decode="live", **kw)
+    static = gen(qwen2, decode="static", **kw)
+    assert_same(live, static)
+    assert live.tokens.unique().numel() > 5  # varied tokens, so the equality means something
+
+
+@pytest.mark.parametrize("decode", ["live", "static"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_dropping_finished_rows_changes_no_token_or_logp(qwen2, monkeypatch, decode, temperature):
+    monkeypatch.setattr(kernels, "BUCKET", 8)
+    calls = []
+    keep_rows = sample.keep_rows
+    monkeypatch.setattr(sample, "keep_rows", lambda cache, keep: calls.append(len(keep)) or keep_rows(cache, keep))
+    stop = list(range(40, 140))  # rows stop at different steps
+    kw = dict(G=3, max_new_tokens=24, temperature=temperature, stop_ids=stop, decode=decode)
+    whole = gen(qwen2, compact=False, **kw)
+    assert not calls
+    compacted = gen(qwen2, compact=True, **kw)
+    assert calls, "no row was dropped: the test needs rows that stop early"
+    assert calls == sorted(calls, reverse=True) and calls[0] <= len(PROMPTS) * 3 * sample.COMPACT_AT
+    assert_same(whole, compacted)
+    n = whole.mask.sum(1)
+    assert n.min() < n.max()  # rows of different lengths
+
+
+def test_decode_graph_needs_cuda_and_unknown_decode_is_refused(qwen2):
+    with pytest.raises(ValueError, match="CUDA"):
+        sample.generate(qwen2, [[1, 2, 3]], max_new_tokens=4, decode="graph")
+    with pytest.raises(ValueError, match="decode"):
+        sample.generate(qwen2, [[1, 2, 3]], max_new_tokens=4, decode="fast")
+
+
+# -----------------------------------------------------------------------------
 # the CPU path: oneDNN-prepacked weights, sibling projections in one matmul
 
 needs_onednn = pytest.mark.skipif(
-    not sample.onednn_packs(torch.float32), reason="this torch build cannot prepack fp32 weights for oneDNN"
+    not kernels.onednn_packs(torch.float32), reason="this torch build cannot prepack fp32 weights for oneDNN"
 )
 
 
@@ -231,7 +301,7 @@ def test_packed_siblings_equal_separate_linears_in_float64(low_dtype):
         y = torch.nn.functional.linear(x.double(), W, b)
         return y if A is None else y + (x.double() @ A) @ U.T
 
-    packed = sample.PackedLinears(parts, rows=6)
+    packed = kernels.PackedLinears(parts, rows=6)
     assert packed.fold == (low_dtype == torch.float32)
     x = rnd(2, 3, K)  # (B, T, K)
     for i in (2, 0, 1, 0):  # any order, and a sibling asked twice recomputes
@@ -243,7 +313,7 @@ def test_packed_siblings_equal_separate_linears_in_float64(low_dtype):
     x2.mul_(3)  # the same tensor changed in place: its siblings must not get the stale outputs
     torch.testing.assert_close(packed.part(1, x2).double(), ref(1, x2), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(packed.part(2, x2).double(), ref(2, x2), atol=1e-4, rtol=1e-5)
-    lone = sample.PackedLinears(parts[:1], rows=6)  # a lone adapted linear: its own output columns only
+    lone = kernels.PackedLinears(parts[:1], rows=6)  # a lone adapted linear: its own output columns only
     torch.testing.assert_close(lone.part(0, x).double(), ref(0, x), atol=1e-4, rtol=1e-5)
 
 
@@ -254,11 +324,11 @@ def test_packed_cpu_path_swaps_every_linear_and_matches_the_torch_path(qwen2, ad
     with torch.no_grad():
         for model in (qwen2, adapted[0]):
             ref = model(ids)
-            with sample.sampling_forwards(model, "auto", rows=4) as n:
+            with kernels.sampling_forwards(model, "auto", rows=4) as n:
                 got = model(ids)
             assert n == n_linears
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-            with sample.sampling_forwards(model, "torch", rows=4) as n:  # the plain path packs nothing
+            with kernels.sampling_forwards(model, "torch", rows=4) as n:  # the plain path packs nothing
                 assert n == (0 if model is qwen2 else n_linears - 1)  # ... and swaps only the adapter modules
     a = gen(qwen2, G=2, max_new_tokens=12, mode="auto")
     b = gen(qwen2, G=2, max_new_tokens=12, mode="torch")
@@ -286,11 +356,11 @@ def test_packed_path_equals_plain_path_for_every_adapter_method(make_checkpoint,
 
 @needs_onednn
 def test_packed_path_steps_aside_when_memory_is_short(qwen2, monkeypatch):
-    with sample.sampling_forwards(qwen2, "auto", rows=4) as n:
+    with kernels.sampling_forwards(qwen2, "auto", rows=4) as n:
         assert n > 0
-    monkeypatch.setattr(sample, "available_memory", lambda: 1000)  # 1 kB free: the copy would not fit
+    monkeypatch.setattr(kernels, "available_memory", lambda: 1000)  # 1 kB free: the copy would not fit
     with pytest.warns(UserWarning, match="plain F.linear"):
-        with sample.sampling_forwards(qwen2, "auto", rows=4) as n:
+        with kernels.sampling_forwards(qwen2, "auto", rows=4) as n:
             assert n == 0
         out = gen(qwen2, max_new_tokens=4)
     assert out.mask.all()
