@@ -350,11 +350,12 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def download_command(repo_id: str, filename: str | None = None, revision: str | None = None, repo_type="model") -> str:
-    """The `hf download` line that fetches the same files on another machine, into DIR."""
+    """The `hf download` line that fetches the same files on another machine, into DIR. One --exclude, not our three
+    --include patterns: 0.x's CLI keeps the last of repeated --include, 1.x takes `--include a b` as a, file b."""
     cmd = ["hf download", repo_id] + ([filename] if filename else [])
     cmd += [f"--repo-type {repo_type}"] if repo_type != "model" else []
     cmd += [f"--revision {revision}"] if revision else []
-    cmd += [] if filename else ["--include " + " ".join(f'"{p}"' for p in HUB_PATTERNS)]
+    cmd += [] if filename else ['--exclude "original/*"']  # Llama's second copy of the weights (.pth), unread here
     return " ".join(cmd + ["--local-dir DIR"])
 
 
