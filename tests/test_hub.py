@@ -283,7 +283,7 @@ def test_revision_is_passed_and_its_commit_recorded(monkeypatch, hub):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert M.locate("org/tiny", "v1") == (path, SHA_V1) and M.locate("org/tiny", SHA_V1) == (path, SHA_V1)
     assert len(hub.log) == n
-    with pytest.raises(SystemExit, match="could not download 'org/tiny at revision v2'.*--revision v2"):
+    with pytest.raises(SystemExit, match="download 'org/tiny' at revision v2: HF_HUB_OFFLINE is set.*--revision v2"):
         M.locate("org/tiny", "v2")
 
 
