@@ -43,10 +43,8 @@ Choices, each marked *ref* (what the dataset's own evaluation does) or *ours*:
 import json
 import os
 import re
-import socket
 import sys
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 from data.graders import extract_boxed, to_number
 from data.prompts import check_style
@@ -136,33 +134,15 @@ def read_rows(path: str) -> list[tuple[int, dict]]:
     raise ValueError(f"data file {path!r} has an unknown extension: expected one of {', '.join(EXTENSIONS)}")
 
 
-def hub_file(name: str, split: str) -> str:
-    """Download (or find in the local cache) the file of `name`/`split`; fail fast and helpfully when offline."""
-    from huggingface_hub import hf_hub_download
+def hub_file(name: str, split: str, revision: str | None = None) -> str:
+    """The local copy of `name`/`split` at `revision` (default: main), downloaded or from the local Hub cache when
+    offline; model.snapshot_sha(path) is the commit it came from. Fails fast, saying what to do (model.hub_download)."""
+    from model import hub_download
 
     src = DATASETS[name]
     fname = src.files[split]
-    try:  # the cache first: works offline and costs no request
-        return hf_hub_download(src.repo, fname, repo_type="dataset", local_files_only=True)
-    except Exception:
-        pass
-    how = (
-        f"Download it elsewhere (hf download {src.repo} {fname} --repo-type dataset) and pass the file with "
-        f"--data PATH (e.g. ../shared/data/{name}/{split}.jsonl)."
-    )
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        raise SystemExit(f"HF_HUB_OFFLINE is set and {src.repo}/{fname} is not in the local cache. {how}")
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:  # one short connection attempt instead of huggingface_hub's ~25 s of retries
-        socket.create_connection((host.hostname, host.port or 443), timeout=5).close()
-    except OSError as e:
-        raise SystemExit(
-            f"cannot reach the Hugging Face Hub ({host.hostname}: {e}) to fetch {src.repo}. {how}"
-        ) from None
-    try:
-        return hf_hub_download(src.repo, fname, repo_type="dataset")
-    except Exception as e:
-        raise SystemExit(f"could not download {src.repo}/{fname} ({type(e).__name__}: {e}). {how}") from None
+    then = f"pass --data DIR/{fname} (or a copy you have, e.g. ../shared/data/{name}/{split}.jsonl)"
+    return hub_download(src.repo, revision, filename=fname, repo_type="dataset", then=then)[0]
 
 
 # -----------------------------------------------------------------------------
