@@ -175,7 +175,7 @@ def export_merged(model, path: str, source: str | None = None, dtype: torch.dtyp
     """
     from safetensors.torch import save_file
 
-    from model import resolve
+    from hub import resolve
 
     source = source or getattr(model, "name_or_path", None)
     if source is None:
@@ -263,7 +263,7 @@ def read_config(name_or_path):
     try:
         from huggingface_hub import hf_hub_download
 
-        from model import hub_reachable
+        from hub import hub_reachable
 
         offline = not hub_reachable()  # else huggingface_hub retries for ~30 s before giving up
         with open(hf_hub_download(name_or_path, "config.json", local_files_only=offline)) as f:

@@ -48,7 +48,7 @@ import grpo
 import parallel
 import sample
 import tinylora
-from model import hub_reachable
+from hub import hub_reachable
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_KEYS = ("strict", "flexible", "accuracy")  # what eval.evaluate reports (with _lo/_hi 95% bounds)

@@ -136,8 +136,8 @@ def read_rows(path: str) -> list[tuple[int, dict]]:
 
 def hub_file(name: str, split: str, revision: str | None = None) -> str:
     """The local copy of `name`/`split` at `revision` (default: main), downloaded or from the local Hub cache when
-    offline; model.snapshot_sha(path) is the commit it came from. Fails fast, saying what to do (model.hub_download)."""
-    from model import hub_download
+    offline; hub.snapshot_sha(path) is the commit it came from. Fails fast, saying what to do (hub.hub_download)."""
+    from hub import hub_download
 
     src = DATASETS[name]
     fname = src.files[split]

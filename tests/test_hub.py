@@ -1,5 +1,5 @@
 """
-The Hub boundary (model.py's loading section, data/load.py's hub_file) with no internet: a local HTTP server plays
+The Hub boundary (hub.py, and data/load.py's hub_file) with no internet: a local HTTP server plays
 the Hub (its routes, its X-Error-Code headers) or a proxy in front of it, and the real huggingface_hub talks to it.
 
     python -m pytest -q tests/test_hub.py
@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hub as H
 import model as M
 from data.load import DATASETS, hub_file
 
@@ -183,7 +184,7 @@ def test_https_proxy_is_asked_when_direct_tcp_is_blocked(monkeypatch, only_loopb
     proxy = serve(Proxy)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.server_port}")
-    why = M.hub_unreachable()
+    why = H.hub_unreachable()
     proxy.shutdown()
     assert Proxy.seen == ["CONNECT hub.example.invalid:443"]  # the question went to the proxy, not to a raw socket
     assert only_loopback == []
@@ -196,8 +197,8 @@ def test_download_through_a_proxy_when_direct_tcp_is_blocked(monkeypatch, hub, o
     proxy = serve(Proxy)
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.example.invalid")  # resolvable by the proxy alone
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_port}")
-    assert M.hub_reachable()
-    path, sha = M.locate("org/tiny")
+    assert H.hub_reachable()
+    path, sha = H.locate("org/tiny")
     proxy.shutdown()
     assert sha == SHA_MAIN and Path(path, "config.json").read_bytes() == (hub.folder / "config.json").read_bytes()
     assert Proxy.seen[0].startswith("HEAD http://hub.example.invalid")  # the reachability question
@@ -215,9 +216,9 @@ def test_offline_flag_decides_without_a_request(monkeypatch, flag):
 
     monkeypatch.setattr(hfu, "get_session", no_session)
     monkeypatch.setenv("HF_HUB_OFFLINE", flag)
-    assert M.hub_unreachable() == "HF_HUB_OFFLINE is set" and not M.hub_reachable()
+    assert H.hub_unreachable() == "HF_HUB_OFFLINE is set" and not H.hub_reachable()
     with pytest.raises(SystemExit) as e:
-        M.resolve("someorg/somemodel")
+        H.resolve("someorg/somemodel")
     msg = str(e.value)
     assert "could not download 'someorg/somemodel': HF_HUB_OFFLINE is set" in msg and "local Hub cache" in msg
     assert "`hf download someorg/somemodel --exclude" in msg and "--local-dir DIR" in msg and "--model DIR" in msg
@@ -229,14 +230,14 @@ def test_unanswered_hub_fails_fast(monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     t = time.perf_counter()
-    with pytest.raises(M.HubError, match=f"cannot reach the Hugging Face Hub at http://127.0.0.1:{port}"):
+    with pytest.raises(H.HubError, match=f"cannot reach the Hugging Face Hub at http://127.0.0.1:{port}"):
         hub_file("gsm8k", "test")
     assert time.perf_counter() - t < 10
 
 
 def test_a_proxy_that_cannot_reach_the_hub_counts_as_offline(monkeypatch, hub):
     """A 502 from a proxy means no Hub: the local cache answers, here with the copy downloaded while online."""
-    path, sha = M.locate("org/tiny", "v1")
+    path, sha = H.locate("org/tiny", "v1")
     n = len(hub.log)
 
     class Bad(http.server.BaseHTTPRequestHandler):
@@ -250,8 +251,8 @@ def test_a_proxy_that_cannot_reach_the_hub_counts_as_offline(monkeypatch, hub):
 
     bad = serve(Bad)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{bad.server_port}")
-    assert M.hub_unreachable() == f"the Hugging Face Hub at http://127.0.0.1:{bad.server_port} answered HTTP 502"
-    assert M.locate("org/tiny", "v1") == (path, sha)
+    assert H.hub_unreachable() == f"the Hugging Face Hub at http://127.0.0.1:{bad.server_port} answered HTTP 502"
+    assert H.locate("org/tiny", "v1") == (path, sha)
     bad.shutdown()
     assert len(hub.log) == n
 
@@ -261,9 +262,9 @@ def test_a_proxy_that_cannot_reach_the_hub_counts_as_offline(monkeypatch, hub):
 
 
 def test_revision_is_passed_and_its_commit_recorded(monkeypatch, hub):
-    path, sha = M.locate("org/tiny", "v1")
+    path, sha = H.locate("org/tiny", "v1")
     assert sha == SHA_V1 and Path(path).name == SHA_V1 and "GET /api/models/org/tiny/revision/v1" in hub.log
-    assert M.locate("org/tiny")[1] == SHA_MAIN  # no revision: main, another commit here
+    assert H.locate("org/tiny")[1] == SHA_MAIN  # no revision: main, another commit here
     got = {p.name for p in Path(path).iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= got and not {"original", "README.md"} & got
 
@@ -275,27 +276,27 @@ def test_revision_is_passed_and_its_commit_recorded(monkeypatch, hub):
     assert M.Tokenizer("org/tiny", revision="v1").encode("12 plus 30") == M.Tokenizer(str(hub.folder)).encode(
         "12 plus 30"
     )
-    cfg, cfg_sha = M.read_hub_config("org/tiny", "v1")
+    cfg, cfg_sha = H.read_hub_config("org/tiny", "v1")
     assert cfg == M.load_config(str(hub.folder)) and cfg_sha == SHA_V1
 
     # offline, the pinned revision still resolves to the same commit, from the cache alone
     n = len(hub.log)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert M.locate("org/tiny", "v1") == (path, SHA_V1) and M.locate("org/tiny", SHA_V1) == (path, SHA_V1)
+    assert H.locate("org/tiny", "v1") == (path, SHA_V1) and H.locate("org/tiny", SHA_V1) == (path, SHA_V1)
     assert len(hub.log) == n
     with pytest.raises(SystemExit, match="download 'org/tiny' at revision v2: HF_HUB_OFFLINE is set.*--revision v2"):
-        M.locate("org/tiny", "v2")
+        H.locate("org/tiny", "v2")
 
 
 def test_dataset_file_revision_and_provenance(hub, tmp_path):
     src = DATASETS["gsm8k"]
     path = hub_file("gsm8k", "test", revision="v1")
-    assert Path(path).read_bytes() == b"PAR1 rows" and M.snapshot_sha(path) == SHA_V1
+    assert Path(path).read_bytes() == b"PAR1 rows" and H.snapshot_sha(path) == SHA_V1
     assert f"HEAD /datasets/{src.repo}/resolve/v1/{src.files['test']}" in hub.log
-    model_path, _ = M.locate("org/tiny")
+    model_path, _ = H.locate("org/tiny")
     local = tmp_path / "train.jsonl"
     local.write_text("{}\n")
-    got = M.provenance(
+    got = H.provenance(
         model=("org/tiny", None, model_path), data=(src.repo, "v1", path), eval_data=(str(local), None, str(local))
     )
     assert got == {
@@ -308,15 +309,15 @@ def test_dataset_file_revision_and_provenance(hub, tmp_path):
 
 def test_snapshot_sha_reads_only_cache_paths(tmp_path):
     snap = tmp_path / "models--org--x" / "snapshots" / SHA_V1
-    assert M.snapshot_sha(str(snap)) == SHA_V1 and M.snapshot_sha(str(snap / "sub" / "f.json")) == SHA_V1
-    assert M.snapshot_sha(str(tmp_path / "snapshots" / SHA_V1)) is None  # not inside a repo folder of the cache
-    assert M.snapshot_sha(str(tmp_path / "models--org--x" / "snapshots" / "main")) is None
-    assert M.snapshot_sha("Qwen/Qwen2.5-7B-Instruct") is None
+    assert H.snapshot_sha(str(snap)) == SHA_V1 and H.snapshot_sha(str(snap / "sub" / "f.json")) == SHA_V1
+    assert H.snapshot_sha(str(tmp_path / "snapshots" / SHA_V1)) is None  # not inside a repo folder of the cache
+    assert H.snapshot_sha(str(tmp_path / "models--org--x" / "snapshots" / "main")) is None
+    assert H.snapshot_sha("Qwen/Qwen2.5-7B-Instruct") is None
 
 
 def test_revision_on_a_local_folder_is_an_error(hub):
     with pytest.raises(ValueError, match="applies to a Hub id"):
-        M.locate(str(hub.folder), "v1")
+        H.locate(str(hub.folder), "v1")
 
 
 # -----------------------------------------------------------------------------
@@ -325,7 +326,7 @@ def test_revision_on_a_local_folder_is_an_error(hub):
 
 def test_gated_model_names_the_licence_page_and_login(hub):
     with pytest.raises(SystemExit) as e:
-        M.resolve("meta-llama/Meta-Llama-3-8B-Instruct")
+        H.resolve("meta-llama/Meta-Llama-3-8B-Instruct")
     msg = str(e.value)
     assert "meta-llama/Meta-Llama-3-8B-Instruct is gated" in msg
     assert "accept its licence on https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct" in msg
@@ -334,20 +335,20 @@ def test_gated_model_names_the_licence_page_and_login(hub):
 
 def test_wrong_id_revision_or_file_says_so(hub):
     with pytest.raises(SystemExit, match="no model 'org/nope' on the Hub: check the id"):
-        M.resolve("org/nope")
+        H.resolve("org/nope")
     with pytest.raises(SystemExit, match="org/tiny has no revision 'v9': pass a branch, tag or commit"):
-        M.resolve("org/tiny", "v9")
+        H.resolve("org/tiny", "v9")
     with pytest.raises(SystemExit, match="org/tiny has no file 'nope.json'"):
-        M.hub_download("org/tiny", filename="nope.json")
+        H.hub_download("org/tiny", filename="nope.json")
     with pytest.raises(SystemExit, match="no dataset 'org/nope'.*https://huggingface.co/datasets/org/nope"):
-        M.hub_download("org/nope", filename="x.parquet", repo_type="dataset")
+        H.hub_download("org/nope", filename="x.parquet", repo_type="dataset")
 
 
 def test_refused_token_says_log_in(monkeypatch, hub):
     refused = (401, {"X-Error-Message": "Invalid credentials in Authorization header"}, b"")  # a revoked token
     monkeypatch.setattr(hub, "route", lambda path: refused)
     with pytest.raises(SystemExit, match=r"the Hub refused org/tiny \(HTTP 401\).*hf auth login"):
-        M.resolve("org/tiny")
+        H.resolve("org/tiny")
 
 
 def hf_cli(*args, **kw) -> subprocess.CompletedProcess:
@@ -366,7 +367,7 @@ def test_the_named_cli_exists_and_its_command_works(hub, tmp_path):
     helptext = hf_cli("download", "--help").stdout
     assert all(flag in helptext for flag in ("--repo-type", "--revision", "--exclude", "--local-dir"))
 
-    cmd = M.download_command("org/tiny", revision="v1").replace("DIR", str(tmp_path / "dl"))
+    cmd = H.download_command("org/tiny", revision="v1").replace("DIR", str(tmp_path / "dl"))
     assert cmd.startswith("hf download org/tiny")
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS} | {"HF_ENDPOINT": hub.url}
     r = hf_cli(*shlex.split(cmd)[1:], env=env)
@@ -376,7 +377,7 @@ def test_the_named_cli_exists_and_its_command_works(hub, tmp_path):
     ref = M.load_model(str(hub.folder), device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
 
-    cmd = M.download_command(DATASETS["gsm8k"].repo, DATASETS["gsm8k"].files["test"], repo_type="dataset")
+    cmd = H.download_command(DATASETS["gsm8k"].repo, DATASETS["gsm8k"].files["test"], repo_type="dataset")
     r = hf_cli(*shlex.split(cmd.replace("DIR", str(tmp_path / "ds")))[1:], env=env)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "ds" / DATASETS["gsm8k"].files["test"]).read_bytes() == b"PAR1 rows"

@@ -25,7 +25,8 @@ import pytest
 import torch
 from conftest import QWEN_TEMPLATE, ROOT
 
-from model import Tokenizer, greedy, load_config, load_model, resolve
+from hub import resolve
+from model import Tokenizer, greedy, load_config, load_model
 
 TOL = 1e-4  # fp32: max |ours - transformers| / max |transformers| over the compared logits
 BF16_TOL = 1e-2  # bf16 against transformers in bf16 with the same attention kernel (SDPA): two bf16 ulps at the top
@@ -360,7 +361,7 @@ def test_folder_without_weights(make_checkpoint, tmp_path):
 
 def test_hub_offline_fails_fast():
     """A fresh process (huggingface_hub reads HF_HUB_OFFLINE at import) exits with a sentence naming --model."""
-    code = "import model; model.resolve('someorg/somemodel')"
+    code = "import hub; hub.resolve('someorg/somemodel')"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr
