@@ -367,3 +367,56 @@ def test_mini_batches_and_mu_end_to_end(tiny, tmp_path):
     steps = records(out)
     assert len(counted) == 3 * 4 and len(steps) == 3
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
+
+
+# -----------------------------------------------------------------------------
+# micro-batches by token budget, long prompts, evaluation off, the terminal header
+
+
+def test_micro_batch_tokens_give_the_same_training(tiny, tmp_path):
+    """SFT (always a gradient) with micro-batches of <= 40 padded tokens (each ~73-token row alone) instead of one
+    micro-batch of all 4 rows: the same v, within fp32."""
+    a, b = tmp_path / "rows", tmp_path / "tokens"
+    run(base_args(tiny, a, "--algo", "sft", "--max-steps", 2, "--no-eval"))
+    run(
+        base_args(
+            tiny, b, "--algo", "sft", "--max-steps", 2, "--no-eval", "--micro-batch", 0, "--micro-batch-tokens", 40
+        )
+    )
+    pa, pb = trained_params(a), trained_params(b)
+    assert any(p.abs().sum() > 0 for p in pa)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(pa, pb))
+    ra, rb = records(a), records(b)
+    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-5)
+
+
+def test_max_prompt_tokens_drops_long_prompts_and_no_eval(tiny, tmp_path, capsys):
+    import data
+    from model import Tokenizer
+
+    ckpt, short = tiny
+    folder = tmp_path / "data"
+    folder.mkdir()
+    long_q = "How many apples does each student get if the teacher shares them equally between the children? " * 3
+    rows = [json.loads(x) for x in open(Path(short) / "train.jsonl")]
+    rows += [{"question": long_q + f"What is {i} plus 1?", "answer": f"#### {i + 1}"} for i in range(8)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "test.jsonl").write_text(open(Path(short) / "test.jsonl").read())
+    tok = Tokenizer(ckpt)
+    n_tokens = [len(tok.apply_chat_template(data.build_messages({"question": r["question"]}))) for r in rows]
+    limit = max(n_tokens[:24])
+    assert min(n_tokens[24:]) > limit  # the 8 long prompts are the only ones over the limit
+    out = tmp_path / "run"
+    argv = base_args((ckpt, str(folder)), out, "--epochs", 0.5, "--max-prompt-tokens", limit, "--no-eval")
+    run(argv)
+    text = capsys.readouterr().out
+    assert f"--max-prompt-tokens {limit}: dropped 8 of 32 training prompts" in text
+    head = json.loads(open(out / "metrics.jsonl").readline())
+    assert head["steps"] == 3  # floor(0.5 x 24 / 4), not floor(0.5 x 32 / 4)
+    assert all(len(s["question"]) < len(long_q) for r in records(out) for s in r["samples"])
+    assert records(out, "eval") == [] and not (out / "eval").exists()  # --no-eval: none at all
+    # the terminal gets a short header; the settings go to the run folder
+    assert f"every setting in {out / 'args.json'}" in text and '"eval_batch_size"' not in text
+    assert json.load(open(out / "args.json"))["max_prompt_tokens"] == limit
+    with pytest.raises(SystemExit, match=r"training set \(0 examples after --max-prompt-tokens\)"):
+        run(base_args((ckpt, str(folder)), tmp_path / "run2", "--max-prompt-tokens", 1))
