@@ -13,12 +13,12 @@ Choices, each marked *paper* ("Learning to Reason in 13 Parameters", GSM8K setup
 2. lr = 2e-4, the top of the paper's sweep 1e-7..2e-4 (*ours*): Adam moves v ~lr a step, so ~350 steps move the top
    directions by <= ~7%; lr 0.1 wrecked SmolLM2-135M in one step (docs/RESULTS.md; small CPU runs use 1e-2).
 3. AdamW without weight decay, constant lr, gradient-norm clip 1.0 (*ours*; the paper does not say).
-4. Updates: a step's rollouts split into --mini-batches K of whole groups, each used for --mu updates, all through
+4. Updates: a step's groups split into --mini-batches K (prompts k, k+K, ...), each used for --mu updates, all through
    one loop in main (*ours*); K = mu = 1, one on-policy update with no pi_old forward, by default (*ours*).
 5. With more than one update a step, pi_old is the policy before the step's first update for every one of them,
    computed once (*paper*: GRPO's pi_old is the policy that sampled).
 6. Data order: a permutation per epoch from --seed, the last partial batch dropped, the position a pure function of
-   the step, so a resume needs only it (*ours*); --max-prompt-tokens drops (never cuts) long prompts (*official*).
+   the step (*ours*); --max-prompt-tokens drops, never cuts, longer prompts; off by default (*official*: 512).
 7. Checkpoints hold v, the optimizer, every RNG and the step, each file written to a temporary name and renamed: a
    kill -9 loses at most the steps since the last one (*ours*).
 8. Evaluation is greedy on the test split (*paper*), before training, every --eval-every steps and at the end.
@@ -367,10 +367,10 @@ def set_rng_state(st, gen):
 
 
 def mini_batch_rows(n_prompts, G, K):
-    """K slices of the rows (prompt-major, G per prompt) into contiguous mini-batches of whole groups."""
+    """The rows (prompt-major, G per prompt) of K mini-batches of whole groups: mini-batch k holds prompts k, k+K,
+    k+2K, ... A rank's share starts at a multiple of K, so this is the same split of the step on any number of ranks."""
     assert n_prompts % K == 0, (n_prompts, K)
-    n = n_prompts // K * G
-    return [slice(k * n, (k + 1) * n) for k in range(K)]
+    return [[j * G + g for j in range(k, n_prompts, K) for g in range(G)] for k in range(K)]
 
 
 def merge_stats(stats):
@@ -396,7 +396,7 @@ def grpo_updates(args, model, adapter, ro, adv, pad_id):
     that holds, per mini-batch, grpo_backward's sums from its latest update (what the step logs)."""
     K = args.mini_batches
     rows = mini_batch_rows(len(ro.prompts) // args.G, args.G, K)
-    n_tokens = [int(x) for x in parallel.all_sum([float(ro.mask[sl].sum()) for sl in rows])]  # global counts
+    n_tokens = [int(x) for x in parallel.all_sum([float(ro.mask[idx].sum()) for idx in rows])]  # global counts
     n_seqs = args.prompts_per_step * args.G // K  # rows of one mini-batch over all ranks (choice 9)
     kw = dict(pad_id=pad_id, micro_batch=args.micro_batch, micro_batch_tokens=args.micro_batch_tokens)
     kw |= dict(chunk=args.chunk, temperature=args.temperature)
@@ -408,10 +408,10 @@ def grpo_updates(args, model, adapter, ro, adv, pad_id):
     stats = [None] * K
 
     def update(k):
-        sl = rows[k]
+        idx = rows[k]
         stats[k] = grpo.grpo_backward(
-            model, adapter, ro.prompts[sl], ro.tokens[sl], ro.mask[sl], adv[sl], ro.logp[sl],
-            old_logp=None if old is None else old[sl], n_tokens=n_tokens[k], **kw,
+            model, adapter, [ro.prompts[i] for i in idx], ro.tokens[idx], ro.mask[idx], adv[idx], ro.logp[idx],
+            old_logp=None if old is None else old[idx], n_tokens=n_tokens[k], **kw,
         )  # fmt: skip
 
     return [functools.partial(update, k) for k in range(K) for _ in range(args.mu)], stats
@@ -466,14 +466,16 @@ def sft_step(args, model, tok, batch, prompts):
     tokens, mask = reference_completions(batch, tok, model.lm_head.weight.device)
     t1 = time.time()
     rows = mini_batch_rows(len(batch), 1, args.mini_batches)
-    n_tokens = [int(x) for x in parallel.all_sum([float(mask[sl].sum()) for sl in rows])]  # global counts
+    n_tokens = [int(x) for x in parallel.all_sum([float(mask[idx].sum()) for idx in rows])]  # global counts
     losses = [0.0] * len(rows)
     kw = dict(pad_id=tok.pad_id, micro_batch=args.micro_batch, micro_batch_tokens=args.micro_batch_tokens)
     kw["chunk"] = args.chunk
 
     def update(k):
-        sl = rows[k]
-        losses[k] = grpo.sft_backward(model, prompts[sl], tokens[sl], mask[sl], n_tokens=n_tokens[k], **kw)
+        idx = rows[k]
+        losses[k] = grpo.sft_backward(
+            model, [prompts[i] for i in idx], tokens[idx], mask[idx], n_tokens=n_tokens[k], **kw
+        )
 
     def log():
         loss = parallel.all_sum([sum(losses) / len(losses)])[0]
@@ -658,7 +660,7 @@ def main(argv=None):
             parallel.sync_grads(adapter.params)  # choice 9: summed over ranks, so every rank steps the same way
             gnorm = torch.nn.utils.clip_grad_norm_(adapter.params, args.grad_clip or float("inf"))
             opt.step()
-        # log (rank 0's timings, the global batch's metrics)
+        # log (rank 0's timings, the global batch's metrics, the gradient norm of the step's last update)
         m = log() | {"grad_norm": float(gnorm), "t_step": time.time() - t0}
         m["t_train"] = m["t_step"] - m["t_sample"] - m["t_grade"]
         if n <= 16:

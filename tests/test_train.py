@@ -343,14 +343,15 @@ def test_every_update_of_a_step_uses_the_pre_update_policy_as_pi_old(tiny, monke
         if i == 0:
             with torch.no_grad():
                 after_first = plain_logprobs(model, ro.prompts, ro.tokens, ro.mask)
-    halves = [slice(0, 4), slice(4, 8)]  # whole groups of G = 2: rows 0-3 are prompts 0-1
-    assert [c["prompts"] for c in calls] == [ro.prompts[h] for h in halves for _ in range(mu)]
+    halves = [[0, 1, 4, 5], [2, 3, 6, 7]]  # whole groups of G = 2: prompts 0, 2 | prompts 1, 3
+    assert [c["prompts"] for c in calls] == [[ro.prompts[i] for i in h] for h in halves for _ in range(mu)]
     for c, h in zip(calls, [h for h in halves for _ in range(mu)]):
         assert torch.allclose(c["old"], before[h], atol=1e-5)
         assert c["n_tokens"] == int(ro.mask[h].sum())  # each update is normalised by its own mini-batch
     # the first update moved the policy: had pi_old been recomputed, the second mini-batch would see this
-    assert (after_first[4:] - before[4:]).abs().max() > 1e-3
-    assert not torch.allclose(calls[mu]["old"], after_first[4:], atol=1e-4)
+    second = halves[1]
+    assert (after_first[second] - before[second]).abs().max() > 1e-3
+    assert not torch.allclose(calls[mu]["old"], after_first[second], atol=1e-4)
 
 
 def test_mini_batches_and_mu_end_to_end(tiny, tmp_path):
@@ -420,3 +421,16 @@ def test_max_prompt_tokens_drops_long_prompts_and_no_eval(tiny, tmp_path, capsys
     assert json.load(open(out / "args.json"))["max_prompt_tokens"] == limit
     with pytest.raises(SystemExit, match=r"training set \(0 examples after --max-prompt-tokens\)"):
         run(base_args((ckpt, str(folder)), tmp_path / "run2", "--max-prompt-tokens", 1))
+
+
+def test_mini_batches_are_whole_groups_and_the_same_on_any_number_of_ranks():
+    import train
+
+    assert train.mini_batch_rows(4, 2, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]  # prompts 0, 2 | 1, 3, G = 2 rows each
+    assert train.mini_batch_rows(3, 4, 1) == [list(range(12))]  # K = 1: every row, in order
+    B, G, K = 16, 4, 4
+    one = [{i // G for i in rows} for rows in train.mini_batch_rows(B, G, K)]  # prompts of each mini-batch
+    for N in (2, 4):  # rank r holds prompts [r B/N, (r+1) B/N) (train.py choice 9)
+        S = B // N
+        ranks = [[{r * S + i // G for i in rows} for rows in train.mini_batch_rows(S, G, K)] for r in range(N)]
+        assert [set().union(*(ranks[r][k] for r in range(N))) for k in range(K)] == one
