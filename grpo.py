@@ -20,7 +20,9 @@ builds on do) or *ours*:
    sum / (N * norm) with a fixed norm, usually max_new_tokens (Dr. GRPO).
 3. Micro-batching: every micro-batch's loss is normalised by the counts of the *whole* batch (n_tokens, n_seqs),
    so the summed gradients equal the full-batch gradient for any micro-batch size, and, under torchrun, for any
-   number of ranks when the counts are the global ones (*ours*).
+   number of ranks when the counts are the global ones (*ours*). A micro-batch is `micro_batch` consecutive rows,
+   or, with a token budget, rows sorted longest first and packed greedily under rows x (longest prompt + longest
+   completion) <= budget, a longer row alone (*ours*): one straggler no longer sets every micro-batch's padding.
 4. On-policy (one optimisation step per batch, the default): pi_old is the current policy, so old_logp is the
    training log-prob detached; no second forward (*ours*; identical in value to the explicit computation, which
    a test checks). rho is then exactly 1 and clipping never binds; the sampler's log-probs feed only TIS and the
@@ -192,13 +194,43 @@ def use_grad_checkpointing(model):
 # one gradient pass over a batch, in micro-batches
 
 
-def old_logprobs(model, prompts, tokens, mask, *, pad_id, micro_batch, chunk=4096, temperature=1.0):
+def micro_batches(lengths, budget: int = 0, max_rows: int = 0) -> list[list[int]]:
+    """Rows -> micro-batches, as lists of row indices that together cover every row once (choice 3).
+
+    lengths: (prompt tokens, completion tokens) per row. budget > 0: rows sorted longest first, packed greedily while
+    rows x (longest prompt + longest completion) <= budget (what pack pads them to); a row longer than the budget
+    gets a micro-batch of its own. max_rows > 0 caps the rows of a micro-batch as well; without a budget the
+    micro-batches are consecutive runs of max_rows rows in their original order."""
+    N = len(lengths)
+    assert budget > 0 or max_rows > 0, "give a token budget, a row count, or both"
+    if budget <= 0:
+        return [list(range(s, min(s + max_rows, N))) for s in range(0, N, max_rows)]
+    order = sorted(range(N), key=lambda i: -(lengths[i][0] + lengths[i][1]))  # stable: ties keep their order
+    out, cur, P, T = [], [], 0, 0
+    for i in order:
+        p, t = max(P, lengths[i][0]), max(T, lengths[i][1])  # the padded width if row i joins
+        if cur and ((len(cur) + 1) * (p + t) > budget or 0 < max_rows <= len(cur)):
+            out.append(cur)
+            cur, p, t = [], lengths[i][0], lengths[i][1]
+        cur.append(i)
+        P, T = p, t
+    return out + [cur] if cur else out
+
+
+def row_lengths(prompts, mask) -> list[tuple[int, int]]:
+    """(prompt tokens, completion tokens) per row, for micro_batches."""
+    return list(zip(map(len, prompts), mask.sum(1).tolist()))
+
+
+def old_logprobs(
+    model, prompts, tokens, mask, *, pad_id, micro_batch, micro_batch_tokens=0, chunk=4096, temperature=1.0
+):
     """pi_old on the batch, no gradient: needed only when a batch is used for more than one update."""
     out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     with torch.no_grad():
-        for s in range(0, len(prompts), micro_batch):
-            sl = slice(s, s + micro_batch)
-            ids, am, P = pack(prompts[sl], tokens[sl], mask[sl], pad_id)
+        for idx in micro_batches(row_lengths(prompts, mask), micro_batch_tokens, micro_batch):
+            sl = torch.tensor(idx, device=tokens.device)  # this micro-batch's rows
+            ids, am, P = pack([prompts[i] for i in idx], tokens[sl], mask[sl], pad_id)
             lp = token_logprobs(model, ids, am, P, chunk, temperature)
             out[sl, : lp.shape[1]] = lp
     return out
@@ -215,6 +247,7 @@ def grpo_backward(
     *,
     pad_id: int,
     micro_batch: int,
+    micro_batch_tokens: int = 0,
     old_logp=None,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
@@ -227,18 +260,19 @@ def grpo_backward(
     n_tokens=None,
     n_seqs=None,
 ) -> dict:
-    """Accumulate d(loss)/d(params) into .grad over micro-batches of rows (choice 3). Rows are whole
-    rollouts: prompts (list of N id lists), tokens / mask / sampler_logp (N, T), adv (N,). old_logp None means
-    on-policy (choice 4). n_tokens / n_seqs default to this batch's counts; pass the global ones under torchrun.
-    Returns sums (not means) of the logged quantities, so ranks and micro-batches can be added up."""
+    """Accumulate d(loss)/d(params) into .grad over micro-batches (choice 3: at most micro_batch rows and/or
+    micro_batch_tokens padded tokens each). Rows are whole rollouts: prompts (list of N id lists), tokens / mask /
+    sampler_logp (N, T), adv (N,). old_logp None means on-policy (choice 4). n_tokens / n_seqs default to this
+    batch's counts; pass the global ones under torchrun. Returns sums (not means) of the logged quantities, so
+    ranks and micro-batches can be added up."""
     mask = mask.bool()
     n_tokens = int(mask.sum()) if n_tokens is None else n_tokens
     n_seqs = len(prompts) if n_seqs is None else n_seqs
     m = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "kl": 0.0, "w_sum": 0.0, "w_min": float("inf"), "w_max": 0.0}
     m |= {"mismatch_sum": 0.0, "mismatch_max": 0.0}
-    for s in range(0, len(prompts), micro_batch):
-        sl = slice(s, s + micro_batch)
-        ids, am, P = pack(prompts[sl], tokens[sl], mask[sl], pad_id)
+    for idx in micro_batches(row_lengths(prompts, mask), micro_batch_tokens, micro_batch):
+        sl = torch.tensor(idx, device=tokens.device)  # this micro-batch's rows: tensors and prompts indexed alike
+        ids, am, P = pack([prompts[i] for i in idx], tokens[sl], mask[sl], pad_id)
         T = ids.shape[1] - P
         mk, s_lp = mask[sl, :T], sampler_logp[sl, :T]  # (n, T)
         ref = None
@@ -268,15 +302,26 @@ def grpo_backward(
     return m
 
 
-def sft_backward(model, prompts, tokens, mask, *, pad_id: int, micro_batch: int, chunk: int = 4096, n_tokens=None):
+def sft_backward(
+    model,
+    prompts,
+    tokens,
+    mask,
+    *,
+    pad_id: int,
+    micro_batch: int,
+    micro_batch_tokens: int = 0,
+    chunk=4096,
+    n_tokens=None,
+):
     """The paper's SFT comparison: token-mean negative log-likelihood of reference completions, accumulated into
     .grad over micro-batches. Returns the summed loss."""
     mask = mask.bool()
     n_tokens = int(mask.sum()) if n_tokens is None else n_tokens
     total = 0.0
-    for s in range(0, len(prompts), micro_batch):
-        sl = slice(s, s + micro_batch)
-        ids, am, P = pack(prompts[sl], tokens[sl], mask[sl], pad_id)
+    for idx in micro_batches(row_lengths(prompts, mask), micro_batch_tokens, micro_batch):
+        sl = torch.tensor(idx, device=tokens.device)
+        ids, am, P = pack([prompts[i] for i in idx], tokens[sl], mask[sl], pad_id)
         logp = token_logprobs(model, ids, am, P, chunk)  # (n, T)
         loss = -aggregate(logp, mask[sl, : logp.shape[1]], "token-mean", n_tokens=n_tokens)
         loss.backward()

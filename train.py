@@ -13,12 +13,12 @@ Choices, each marked *paper* ("Learning to Reason in 13 Parameters", GSM8K setup
 2. lr = 2e-4, the top of the paper's sweep 1e-7..2e-4 (*ours*): Adam moves v ~lr a step, so ~350 steps move the top
    directions by <= ~7%; lr 0.1 wrecked SmolLM2-135M in one step (docs/RESULTS.md; small CPU runs use 1e-2).
 3. AdamW without weight decay, constant lr, gradient-norm clip 1.0 (*ours*; the paper does not say).
-4. Updates: a step's rollouts split into --mini-batches K of whole groups, each used for --mu updates, all through
+4. Updates: a step's groups split into --mini-batches K (prompts k, k+K, ...), each used for --mu updates, all through
    one loop in main (*ours*); K = mu = 1, one on-policy update with no pi_old forward, by default (*ours*).
 5. With more than one update a step, pi_old is the policy before the step's first update for every one of them,
    computed once (*paper*: GRPO's pi_old is the policy that sampled).
-6. Data order: a fresh permutation per epoch from --seed, the last partial batch dropped; the position is a pure
-   function of the step, so a resume needs only the step (*ours*).
+6. Data order: a permutation per epoch from --seed, the last partial batch dropped, the position a pure function of
+   the step (*ours*); --max-prompt-tokens drops, never cuts, longer prompts; off by default (*official*: 512).
 7. Checkpoints hold v, the optimizer, every RNG and the step, each file written to a temporary name and renamed: a
    kill -9 loses at most the steps since the last one (*ours*).
 8. Evaluation is greedy on the test split (*paper*), before training, every --eval-every steps and at the end.
@@ -91,6 +91,10 @@ p.add_argument("--algo", default="grpo", choices=["grpo", "sft"], help="sft: nex
 p.add_argument("--G", type=int, default=4, help="completions per prompt (group size)")
 p.add_argument("--prompts-per-step", type=int, default=64, help="prompts per step (one batch of rollouts)")
 p.add_argument("--epochs", type=float, default=3, help="passes over the training set")
+p.add_argument(
+    "--max-prompt-tokens", type=int, default=0, help="drop training prompts longer than this (0: keep all; the "
+    "official GSM8K run used 512)"
+)  # fmt: skip
 p.add_argument("--max-new-tokens", type=int, default=4096, help="completion length cap while sampling")
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the loss uses it too)")
 p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
@@ -108,7 +112,14 @@ p.add_argument("--mu", type=int, default=1, help="updates on each mini-batch (1:
 p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (choice 2)")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-p.add_argument("--micro-batch", type=int, default=16, help="rollouts per forward/backward (memory, not math)")
+p.add_argument("--micro-batch", type=int, default=16, help="max rollouts per forward/backward (memory, not math)")
+p.add_argument(
+    "--micro-batch-tokens",
+    type=int,
+    default=0,
+    help="max padded tokens per forward/backward, rows sorted by length (0: off; --micro-batch still caps the rows "
+    "unless it is 0; grpo.py choice 3)",
+)
 p.add_argument("--chunk", type=int, default=4096, help="tokens per lm_head chunk in the loss")
 p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
 p.add_argument("--sample-mode", default="auto", choices=sample.MODES, help="see sample.py")
@@ -116,6 +127,7 @@ p.add_argument("--sample-mode", default="auto", choices=sample.MODES, help="see 
 p.add_argument("--seed", type=int, default=0, help="adapter P, data order and sampling seeds")
 p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs)")
 p.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (0: only before and after)")
+p.add_argument("--no-eval", action="store_true", help="no evaluation at all: not before, during or after training")
 p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test examples (0: all)")
 p.add_argument("--eval-batch-size", type=int, default=64, help="prompts per evaluation sampling call")
 p.add_argument("--eval-max-new-tokens", type=int, default=0, help="0: --max-new-tokens")
@@ -135,7 +147,7 @@ p.add_argument("--dist-timeout", type=float, default=600, help="seconds a rank w
 
 # flags that may differ between a run and its resumption; everything else must match
 RESUMABLE = {"resume", "out", "max_steps", "save_every", "eval_every", "log_samples", "device", "eval_batch_size"}
-RESUMABLE |= {"dist_timeout"}
+RESUMABLE |= {"dist_timeout", "no_eval"}
 
 
 def parse_args(argv=None):
@@ -195,23 +207,17 @@ def model_config(args):
     return None, load_config(os.path.dirname(cfg_path))
 
 
+POSITIVE = ("r", "u", "tie", "G", "prompts_per_step", "max_new_tokens", "chunk", "mu", "mini_batches")
+
+
 def check_args(args, stamp=None, world=1):
     if args.tie is None:  # the paper's 13 parameters on Qwen2.5-7B for TinyLoRA; no sharing for the baselines
         args.tie = 16 if args.method == "tinylora" else 1
-    for name in (
-        "r",
-        "u",
-        "tie",
-        "G",
-        "prompts_per_step",
-        "max_new_tokens",
-        "micro_batch",
-        "chunk",
-        "mu",
-        "mini_batches",
-    ):
+    for name in POSITIVE:
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
+    if args.micro_batch < 0 or args.micro_batch_tokens < 0 or not (args.micro_batch or args.micro_batch_tokens):
+        raise SystemExit("--micro-batch (rows) and --micro-batch-tokens (padded tokens) must be >= 0, one of them > 0.")
     share = args.prompts_per_step // world  # a rank's prompts (parallel.init checked that N divides them)
     if share % args.mini_batches:
         raise SystemExit(
@@ -263,16 +269,23 @@ def git_revision() -> str:
         return "unknown"
 
 
-def load_data(args):
-    """(training set, evaluation set, number of steps), or a SystemExit that says what to pass instead."""
+def load_data(args, tok):
+    """(training set, evaluation set or None, number of steps), or a SystemExit that says what to pass instead."""
     try:
         train = data.load_dataset(args.data, split="train")
-        evalset = data.load_dataset(args.eval_data or args.data, split="test", limit=args.eval_limit or None)
+        evalset = None
+        if not args.no_eval:
+            evalset = data.load_dataset(args.eval_data or args.data, split="test", limit=args.eval_limit or None)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"--data/--eval-data: {e}\nKnown: {DATASETS_HINT}.\n{OFFLINE_HELP}") from None
+    if args.max_prompt_tokens:  # choice 6: dropped, never cut; the evaluation set stays whole
+        n, N = len(train), args.max_prompt_tokens
+        train = [ex for ex in train if len(tok.apply_chat_template(data.build_messages(ex, args.prompt_style))) <= N]
+        print(f"--max-prompt-tokens {N}: dropped {n - len(train):,} of {n:,} training prompts longer than that")
     B = args.prompts_per_step
     if len(train) < B:
-        raise SystemExit(f"--prompts-per-step {B} is larger than the training set ({len(train)} examples).")
+        why = " after --max-prompt-tokens" if args.max_prompt_tokens else ""
+        raise SystemExit(f"--prompts-per-step {B} is larger than the training set ({len(train)} examples{why}).")
     total = math.floor(args.epochs * (len(train) // B))
     return train, evalset, min(total, args.max_steps) if args.max_steps else total
 
@@ -355,10 +368,10 @@ def set_rng_state(st, gen):
 
 
 def mini_batch_rows(n_prompts, G, K):
-    """K slices of the rows (prompt-major, G per prompt) into contiguous mini-batches of whole groups."""
+    """The rows (prompt-major, G per prompt) of K mini-batches of whole groups: mini-batch k holds prompts k, k+K,
+    k+2K, ... A rank's share starts at a multiple of K, so this is the same split of the step on any number of ranks."""
     assert n_prompts % K == 0, (n_prompts, K)
-    n = n_prompts // K * G
-    return [slice(k * n, (k + 1) * n) for k in range(K)]
+    return [[j * G + g for j in range(k, n_prompts, K) for g in range(G)] for k in range(K)]
 
 
 def merge_stats(stats):
@@ -384,9 +397,10 @@ def grpo_updates(args, model, adapter, ro, adv, pad_id):
     that holds, per mini-batch, grpo_backward's sums from its latest update (what the step logs)."""
     K = args.mini_batches
     rows = mini_batch_rows(len(ro.prompts) // args.G, args.G, K)
-    n_tokens = [int(x) for x in parallel.all_sum([float(ro.mask[sl].sum()) for sl in rows])]  # global counts
+    n_tokens = [int(x) for x in parallel.all_sum([float(ro.mask[idx].sum()) for idx in rows])]  # global counts
     n_seqs = args.prompts_per_step * args.G // K  # rows of one mini-batch over all ranks (choice 9)
-    kw = dict(pad_id=pad_id, micro_batch=args.micro_batch, chunk=args.chunk, temperature=args.temperature)
+    kw = dict(pad_id=pad_id, micro_batch=args.micro_batch, micro_batch_tokens=args.micro_batch_tokens)
+    kw |= dict(chunk=args.chunk, temperature=args.temperature)
     old = None  # on-policy: grpo.py takes pi_old = the current policy, detached, without a second forward
     if K * args.mu > 1:  # choice 5: pi_old of every update is the policy before the first, computed now
         old = grpo.old_logprobs(model, ro.prompts, ro.tokens, ro.mask, **kw)
@@ -395,10 +409,10 @@ def grpo_updates(args, model, adapter, ro, adv, pad_id):
     stats = [None] * K
 
     def update(k):
-        sl = rows[k]
+        idx = rows[k]
         stats[k] = grpo.grpo_backward(
-            model, adapter, ro.prompts[sl], ro.tokens[sl], ro.mask[sl], adv[sl], ro.logp[sl],
-            old_logp=None if old is None else old[sl], n_tokens=n_tokens[k], **kw,
+            model, adapter, [ro.prompts[i] for i in idx], ro.tokens[idx], ro.mask[idx], adv[idx], ro.logp[idx],
+            old_logp=None if old is None else old[idx], n_tokens=n_tokens[k], **kw,
         )  # fmt: skip
 
     return [functools.partial(update, k) for k in range(K) for _ in range(args.mu)], stats
@@ -453,13 +467,16 @@ def sft_step(args, model, tok, batch, prompts):
     tokens, mask = reference_completions(batch, tok, model.lm_head.weight.device)
     t1 = time.time()
     rows = mini_batch_rows(len(batch), 1, args.mini_batches)
-    n_tokens = [int(x) for x in parallel.all_sum([float(mask[sl].sum()) for sl in rows])]  # global counts
+    n_tokens = [int(x) for x in parallel.all_sum([float(mask[idx].sum()) for idx in rows])]  # global counts
     losses = [0.0] * len(rows)
-    kw = dict(pad_id=tok.pad_id, micro_batch=args.micro_batch, chunk=args.chunk)
+    kw = dict(pad_id=tok.pad_id, micro_batch=args.micro_batch, micro_batch_tokens=args.micro_batch_tokens)
+    kw["chunk"] = args.chunk
 
     def update(k):
-        sl = rows[k]
-        losses[k] = grpo.sft_backward(model, prompts[sl], tokens[sl], mask[sl], n_tokens=n_tokens[k], **kw)
+        idx = rows[k]
+        losses[k] = grpo.sft_backward(
+            model, [prompts[i] for i in idx], tokens[idx], mask[idx], n_tokens=n_tokens[k], **kw
+        )
 
     def log():
         loss = parallel.all_sum([sum(losses) / len(losses)])[0]
@@ -543,6 +560,8 @@ def load_checkpoint(args, adapter, opt, gen, rank) -> int:
 
 def evaluate(args, model, tok, evalset, step, rank):
     """Greedy evaluation, sharded over ranks (choice 9); rank 0 writes eval/stepNNNNNN.jsonl and logs the summary."""
+    if args.no_eval:
+        return
     t0 = time.time()
     path = os.path.join(args.out, "eval", f"step{step:06d}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -588,22 +607,23 @@ def main(argv=None):
     # ---- args (and checks before anything slow)
     args = parse_args(argv)
     rank, world, local = parallel.init(args)  # choice 9: (0, 1, 0) without torchrun
-    print(json.dumps(vars(args), indent=1))
     path, cfg = check_args(args, stamp=parallel.same_on_all_ranks(time.strftime("%Y%m%d-%H%M%S")), world=world)
-
-    # ---- data (before the model: an unknown dataset fails in seconds)
-    train, evalset, total = load_data(args)
-    B, style = args.prompts_per_step, {} if args.prompt_style is None else {"style": args.prompt_style}
-
-    # ---- model
     from model import Tokenizer, load_model
 
+    # ---- data (before the model: an unknown dataset fails in seconds)
+    tok = Tokenizer(path or args.model)
+    train, evalset, total = load_data(args, tok)
+    B = args.prompts_per_step
+    print(f"run {args.out}: {args.algo} on {args.data}, {len(train):,} prompts, {total} steps of {B} x G {args.G}, "
+          f"lr {args.lr:g}; every setting in {os.path.join(args.out, 'args.json')}")  # fmt: skip
+
+    # ---- model
     device = args.device or "cuda"
     device = f"cuda:{local}" if world > 1 and device == "cuda" else device  # one GPU per rank
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    model, tok = load_model(path or args.model, dtype=dtype, device=device), Tokenizer(path or args.model)
+    model = load_model(path or args.model, dtype=dtype, device=device)
     if args.grad_checkpointing:
         grpo.use_grad_checkpointing(model)
 
@@ -630,7 +650,7 @@ def main(argv=None):
         t0 = time.time()
         first = rank * (B // world)  # choice 9: this rank's contiguous share; whole groups stay on one rank
         batch = step_examples(train, step, B, args.seed)[0][first : first + B // world]
-        prompts = [tok.apply_chat_template(data.build_messages(ex, **style)) for ex in batch]
+        prompts = [tok.apply_chat_template(data.build_messages(ex, args.prompt_style)) for ex in batch]
         if args.algo == "grpo":  # sample -> grade -> advantages
             updates, log = grpo_step(args, model, adapter, tok, gen, batch, prompts, step, first)
         else:
@@ -641,7 +661,7 @@ def main(argv=None):
             parallel.sync_grads(adapter.params)  # choice 9: summed over ranks, so every rank steps the same way
             gnorm = torch.nn.utils.clip_grad_norm_(adapter.params, args.grad_clip or float("inf"))
             opt.step()
-        # log (rank 0's timings, the global batch's metrics)
+        # log (rank 0's timings, the global batch's metrics, the gradient norm of the step's last update)
         m = log() | {"grad_norm": float(gnorm), "t_step": time.time() - t0}
         m["t_train"] = m["t_step"] - m["t_sample"] - m["t_grade"]
         if n <= 16:

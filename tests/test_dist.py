@@ -1,7 +1,7 @@
 """
 train.py under torchrun (CPU, gloo): two ranks give the same v as one process with the same global batch, and a
 dead or hung rank stops the job with a clear error that --resume recovers from.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_dist.py   (~1-2 min on 2 CPU cores)
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_dist.py   (~2-3 min on 2 CPU cores)
 
 Each run goes through a small wrapper that registers a global optimizer-step hook: after every update it appends
 the rank's trainable tensors to DUMP/rank{RANK}.jsonl, so the test watches every rank from outside train.py, and
@@ -168,3 +168,21 @@ def test_torchrun_without_a_gpu_explains_instead_of_crashing(setup, tmp_path):
     argv = [a for a in train_argv(setup, tmp_path / "run") if a not in ("--device", "cpu")]  # GPU by default
     r, _ = launch(setup, tmp_path / "dump", argv, nproc=2)
     assert r.returncode != 0 and "No CUDA GPU found" in r.stderr and "--device cpu" in r.stderr, r.stderr[-2000:]
+
+
+def test_mini_batches_two_ranks_match_one_process(setup, tmp_path):
+    """--mini-batches 2 --mu 2 (four updates a step, pi_old fixed before the first): mini-batch k is the same set
+    of prompts on one process and on two ranks, so every update agrees too."""
+    # 8 prompts, 4 a rank; seed 1 gives the first mini-batch a reward signal, so a split that differed between one
+    # process and two ranks (e.g. contiguous halves of each rank's share) would show at the first update
+    extra = ("--prompts-per-step", "8", "--mini-batches", "2", "--mu", "2", "--max-steps", "2", "--seed", "1")
+    r1, _ = launch(setup, tmp_path / "one", train_argv(setup, tmp_path / "run1", *extra))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2, _ = launch(setup, tmp_path / "two", train_argv(setup, tmp_path / "run2", *extra), nproc=2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    single, rank0, rank1 = (updates(tmp_path / d, r) for d, r in (("one", 0), ("two", 0), ("two", 1)))
+    assert [u["update"] for u in single] == [u["update"] for u in rank0] == list(range(1, 9))
+    for a, b, c in zip(single, rank0, rank1):
+        assert a["v"] == pytest.approx(b["v"], rel=1e-5, abs=1e-6), a["update"]
+        assert b["v"] == c["v"], b["update"]
+    assert any(x != 0 for x in single[0]["v"]), "the first mini-batch had no signal: the test would not bite"

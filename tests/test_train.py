@@ -343,14 +343,15 @@ def test_every_update_of_a_step_uses_the_pre_update_policy_as_pi_old(tiny, monke
         if i == 0:
             with torch.no_grad():
                 after_first = plain_logprobs(model, ro.prompts, ro.tokens, ro.mask)
-    halves = [slice(0, 4), slice(4, 8)]  # whole groups of G = 2: rows 0-3 are prompts 0-1
-    assert [c["prompts"] for c in calls] == [ro.prompts[h] for h in halves for _ in range(mu)]
+    halves = [[0, 1, 4, 5], [2, 3, 6, 7]]  # whole groups of G = 2: prompts 0, 2 | prompts 1, 3
+    assert [c["prompts"] for c in calls] == [[ro.prompts[i] for i in h] for h in halves for _ in range(mu)]
     for c, h in zip(calls, [h for h in halves for _ in range(mu)]):
         assert torch.allclose(c["old"], before[h], atol=1e-5)
         assert c["n_tokens"] == int(ro.mask[h].sum())  # each update is normalised by its own mini-batch
     # the first update moved the policy: had pi_old been recomputed, the second mini-batch would see this
-    assert (after_first[4:] - before[4:]).abs().max() > 1e-3
-    assert not torch.allclose(calls[mu]["old"], after_first[4:], atol=1e-4)
+    second = halves[1]
+    assert (after_first[second] - before[second]).abs().max() > 1e-3
+    assert not torch.allclose(calls[mu]["old"], after_first[second], atol=1e-4)
 
 
 def test_mini_batches_and_mu_end_to_end(tiny, tmp_path):
@@ -367,3 +368,69 @@ def test_mini_batches_and_mu_end_to_end(tiny, tmp_path):
     steps = records(out)
     assert len(counted) == 3 * 4 and len(steps) == 3
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
+
+
+# -----------------------------------------------------------------------------
+# micro-batches by token budget, long prompts, evaluation off, the terminal header
+
+
+def test_micro_batch_tokens_give_the_same_training(tiny, tmp_path):
+    """SFT (always a gradient) with micro-batches of <= 40 padded tokens (each ~73-token row alone) instead of one
+    micro-batch of all 4 rows: the same v, within fp32."""
+    a, b = tmp_path / "rows", tmp_path / "tokens"
+    run(base_args(tiny, a, "--algo", "sft", "--max-steps", 2, "--no-eval"))
+    run(
+        base_args(
+            tiny, b, "--algo", "sft", "--max-steps", 2, "--no-eval", "--micro-batch", 0, "--micro-batch-tokens", 40
+        )
+    )
+    pa, pb = trained_params(a), trained_params(b)
+    assert any(p.abs().sum() > 0 for p in pa)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(pa, pb))
+    ra, rb = records(a), records(b)
+    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-5)
+
+
+def test_max_prompt_tokens_drops_long_prompts_and_no_eval(tiny, tmp_path, capsys):
+    import data
+    from model import Tokenizer
+
+    ckpt, short = tiny
+    folder = tmp_path / "data"
+    folder.mkdir()
+    long_q = "How many apples does each student get if the teacher shares them equally between the children? " * 3
+    rows = [json.loads(x) for x in open(Path(short) / "train.jsonl")]
+    rows += [{"question": long_q + f"What is {i} plus 1?", "answer": f"#### {i + 1}"} for i in range(8)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "test.jsonl").write_text(open(Path(short) / "test.jsonl").read())
+    tok = Tokenizer(ckpt)
+    n_tokens = [len(tok.apply_chat_template(data.build_messages({"question": r["question"]}))) for r in rows]
+    limit = max(n_tokens[:24])
+    assert min(n_tokens[24:]) > limit  # the 8 long prompts are the only ones over the limit
+    out = tmp_path / "run"
+    argv = base_args((ckpt, str(folder)), out, "--epochs", 0.5, "--max-prompt-tokens", limit, "--no-eval")
+    run(argv)
+    text = capsys.readouterr().out
+    assert f"--max-prompt-tokens {limit}: dropped 8 of 32 training prompts" in text
+    head = json.loads(open(out / "metrics.jsonl").readline())
+    assert head["steps"] == 3  # floor(0.5 x 24 / 4), not floor(0.5 x 32 / 4)
+    assert all(len(s["question"]) < len(long_q) for r in records(out) for s in r["samples"])
+    assert records(out, "eval") == [] and not (out / "eval").exists()  # --no-eval: none at all
+    # the terminal gets a short header; the settings go to the run folder
+    assert f"every setting in {out / 'args.json'}" in text and '"eval_batch_size"' not in text
+    assert json.load(open(out / "args.json"))["max_prompt_tokens"] == limit
+    with pytest.raises(SystemExit, match=r"training set \(0 examples after --max-prompt-tokens\)"):
+        run(base_args((ckpt, str(folder)), tmp_path / "run2", "--max-prompt-tokens", 1))
+
+
+def test_mini_batches_are_whole_groups_and_the_same_on_any_number_of_ranks():
+    import train
+
+    assert train.mini_batch_rows(4, 2, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]  # prompts 0, 2 | 1, 3, G = 2 rows each
+    assert train.mini_batch_rows(3, 4, 1) == [list(range(12))]  # K = 1: every row, in order
+    B, G, K = 16, 4, 4
+    one = [{i // G for i in rows} for rows in train.mini_batch_rows(B, G, K)]  # prompts of each mini-batch
+    for N in (2, 4):  # rank r holds prompts [r B/N, (r+1) B/N) (train.py choice 9)
+        S = B // N
+        ranks = [[{r * S + i // G for i in rows} for rows in train.mini_batch_rows(S, G, K)] for r in range(N)]
+        assert [set().union(*(ranks[r][k] for r in range(N))) for k in range(K)] == one
