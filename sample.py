@@ -149,7 +149,8 @@ def row_keys(seed, rows):
 def uniforms(keys, t: int):
     """(N,) fp64 uniforms in [0, 1) for step t, a pure function of (seed, row, t) (choice 9): 53 bits from two
     hashes of the row's key and the step."""
-    h = mix32(mix32(keys[:, None] ^ torch.tensor([2 * t, 2 * t + 1], device=keys.device)))  # (N, 2), < 2**32
+    lanes = torch.arange(2, device=keys.device) + 2 * t  # (2,) built on the device: no host-to-device copy
+    h = mix32(mix32(keys[:, None] ^ lanes))  # (N, 2), < 2**32
     return ((h[:, 0] << 21) | (h[:, 1] >> 11)).double() * 2.0**-53
 
 
