@@ -24,8 +24,8 @@ Choices, each marked *paper* or *ours*:
    within 1e-5 on the test model; SmolLM2's figures are in docs/BENCHMARKS.md section 3.
 6. Static attended lengths are multiples of BUCKET = 256 slots (*ours*): a decode step reads up to 255 masked slots
    per row more than the live length needs, and a sampling call of up to 4,096 tokens captures at most ~17 graphs.
-7. One CUDA graph per (rows, bucket), captured on first use after one eager warm-up step on a side stream, all in
-   one memory pool (*ours*): replays go in capture order and each step's logits are read before the next replay.
+7. One CUDA graph at a time (*ours*): captured when the step enters a new bucket, after one eager warm-up step on a
+   side stream, the previous bucket's graph freed first; each step's logits are read before the next replay.
 
 Letters: M rows of x, K = d_in, Nout = d_out, r the adapter rank (R: ranks of siblings summed).
 """
@@ -431,7 +431,7 @@ class StaticDecode:
         self.x = torch.zeros(pos.shape[0], 1, dtype=torch.long, device=dev)  # (n, 1) the step's input tokens
         self.pos0, self.pos = pos, pos.clone()  # (n, 1) first generated position, and this step's
         self.start = torch.zeros((), dtype=torch.long, device=dev)  # the slot this step writes
-        self.graphs, self.pool = {}, None  # S -> (graph, its logits); one memory pool for all (choice 7)
+        self.graph = None  # (S, torch.cuda.CUDAGraph, its logits) of the current bucket (choice 7)
         if how == "compile":
             self.compiled = torch.compile(self.forward, mode="reduce-overhead")
 
@@ -448,9 +448,10 @@ class StaticDecode:
         if self.how == "compile":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been read
             return self.compiled(self.key_mask[:, :S])
-        if S not in self.graphs:
-            self.graphs[S] = self.capture(S)
-        graph, logits = self.graphs[S]
+        if self.graph is None or self.graph[0] != S:
+            self.graph = None  # free the last bucket's graph and its memory before capturing the next
+            self.graph = (S, *self.capture(S))
+        _, graph, logits = self.graph
         graph.replay()
         return logits
 
@@ -461,7 +462,6 @@ class StaticDecode:
             self.forward(self.key_mask[:, :S])
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.forward(self.key_mask[:, :S])
-        self.pool = graph.pool()
+        with torch.cuda.graph(graph):
+            logits = self.forward(self.key_mask[:, :S])  # recorded, not run: replay() runs it
         return graph, logits
