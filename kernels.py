@@ -3,8 +3,8 @@ The fast paths of sample.py: drop-ins for its plain `lowrank_linear` (y = x Wᵀ
 sampling mode for one generate call. The plain path stays the reference; tests/test_kernel.py and
 tests/test_sample.py check that every path here computes what it does. Measured figures: docs/BENCHMARKS.md.
 
-    CUDA ("auto", "triton"): two Triton launches, s = x A (fp32), then a tiled GEMM x Wᵀ whose epilogue adds the
-                             bias and s Uᵀ as r rank-1 FMA updates in fp32.
+    CUDA ("auto", "triton"): a tiled Triton GEMM x Wᵀ whose epilogue adds the bias and s Uᵀ (s = x A, fp32) as r
+                             rank-1 FMA updates in fp32; s in its K loop, or from a split-K kernel before it.
     CPU ("auto"):            every linear through oneDNN with prepacked weights, model.SIBLINGS as one matmul.
     "merged":                W + U M Vᵀ rounded to bf16, as a merged-weight serving stack samples (comparison only).
 
@@ -12,8 +12,8 @@ and the decode step over a static attended length (`StaticDecode`), eager or rep
 for sample.live_step that sample.generate picks by `decode`.
 
 Choices, each marked *paper* or *ours*:
-1. Split kernel, s = x A apart from the GEMM (*ours*): fusing it into the K loop adds registers to every tile and is
-   known to lose at large M. The K = r contractions are FMA updates: `tl.dot` needs every dimension >= 16.
+1. s = x A (K = d_in, r = 2 wide: FMA updates, `tl.dot` needs every dimension >= 16) in the GEMM's K loop for decode
+   rows (*ours*), split over K across programs for more rows; partials summed in a fixed order (no atomics).
 2. Tile configs are a size-bucketed table, not autotuned (*ours*): untuned without a GPU;
    `dev/bench_sample.py --what kernel` sweeps them per shape so the table can be corrected from measurements.
 3. On CPU the packed layout streams weights ~2x faster than plain F.linear at decode batch sizes (*ours*;
@@ -22,11 +22,10 @@ Choices, each marked *paper* or *ours*:
    skipped, with a warning, where it would take over half the free memory (*ours*).
 5. oneDNN sums in another order than the trainer's MKL (*ours*, accepted): fp32 sampler-vs-trainer |Δ log p| stays
    within 1e-5 on the test model; SmolLM2's figures are in docs/BENCHMARKS.md section 3.
-
 6. Static attended lengths are multiples of BUCKET = 256 slots (*ours*): a decode step reads up to 255 masked slots
    per row more than the live length needs, and a sampling call of up to 4,096 tokens captures at most ~17 graphs.
-7. One CUDA graph per (rows, bucket), captured on first use after one eager warm-up step on a side stream, all in
-   one memory pool (*ours*): replays go in capture order and each step's logits are read before the next replay.
+7. One CUDA graph at a time (*ours*): captured when the step enters a new bucket, after one eager warm-up step on a
+   side stream, the previous bucket's graph freed first; each step's logits are read before the next replay.
 
 Letters: M rows of x, K = d_in, Nout = d_out, r the adapter rank (R: ranks of siblings summed).
 """
@@ -64,41 +63,49 @@ if triton is not None:
         M,
         K,
         stride_xm,
+        CHUNK,
         R: tl.constexpr,
         R_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        # s = x A in fp32: a broadcast-multiply-reduce, since tl.dot cannot take an r = 2 wide operand
+        # partial s = x A in fp32 over one CHUNK of K (program_id(1)) for BLOCK_M rows, into s_ptr[chunk]: (SPLIT, M, R)
+        # a broadcast-multiply-reduce, since tl.dot cannot take an r = 2 wide operand
         rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * K can pass 2**31
+        k_lo = tl.program_id(1) * CHUNK
         rk = tl.arange(0, BLOCK_K)
         rr = tl.arange(0, R_PAD)
         acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
+        for k0 in range(0, CHUNK, BLOCK_K):
+            kk = k_lo + k0 + rk
             x = tl.load(
                 x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0
             ).to(tl.float32)  # (BLOCK_M, BLOCK_K)
             a = tl.load(a_ptr + kk[:, None] * R + rr[None, :], mask=(kk[:, None] < K) & (rr[None, :] < R), other=0.0)
             acc += tl.sum(x[:, :, None] * a[None, :, :], axis=1)  # (BLOCK_M, R_PAD)
-        tl.store(s_ptr + rm[:, None] * R + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
+        s_ptrs = s_ptr + tl.program_id(1) * M * R + rm[:, None] * R + rr[None, :]
+        tl.store(s_ptrs, acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
     @triton.jit
     def _lowrank_linear_kernel(
         x_ptr,
         w_ptr,
         b_ptr,
+        a_ptr,
         s_ptr,
         u_ptr,
         y_ptr,
         M,
         N,
         K,
+        SPLIT,
         stride_xm,
         stride_wn,
         stride_ym,
         HAS_BIAS: tl.constexpr,
+        XA_FUSED: tl.constexpr,
         R: tl.constexpr,
+        R_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -106,7 +113,8 @@ if triton is not None:
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        # y = x Wᵀ (+ b) + s Uᵀ for one (BLOCK_M, BLOCK_N) tile; W is (N, K) row-major as nn.Linear stores it
+        # y = x Wᵀ (+ b) + s Uᵀ for one (BLOCK_M, BLOCK_N) tile; W is (N, K) row-major as nn.Linear stores it.
+        # s = x A either summed from SPLIT partials (s_ptr: (SPLIT, M, R)) or, XA_FUSED, accumulated in the K loop
         pid = tl.program_id(0)
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         # grouped tile order: GROUP_M row-tiles sweep the columns together, so W tiles are reused from L2
@@ -118,12 +126,19 @@ if triton is not None:
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: a long prefill's M * K passes 2**31
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
+        rr = tl.arange(0, R_PAD)
         x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # (BLOCK_M, BLOCK_K)
         w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None]  # (BLOCK_K, BLOCK_N): a tile of Wᵀ
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        s = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < K - k0), other=0.0)
             w = tl.load(w_ptrs, mask=(rk[:, None] < K - k0) & (rn[None, :] < N), other=0.0)
+            if XA_FUSED:  # s += x A on this K tile, one rank at a time: no (BLOCK_M, BLOCK_K, R) temporary
+                xf = x.to(tl.float32)
+                for j in tl.static_range(R):
+                    a_j = tl.load(a_ptr + (k0 + rk) * R + j, mask=rk < K - k0, other=0.0)  # (BLOCK_K,) fp32
+                    s += tl.where(rr[None, :] == j, tl.sum(xf * a_j[None, :], axis=1)[:, None], 0.0)
             if UPCAST:  # the interpreter computes bf16 tl.dot wrongly: tests upcast; a GPU keeps bf16 tensor cores
                 x, w = x.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)  # fp32 accumulation
@@ -133,7 +148,12 @@ if triton is not None:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         for j in tl.static_range(R):
-            s_j = tl.load(s_ptr + rm * R + j, mask=rm < M, other=0.0)  # (BLOCK_M,) fp32
+            if XA_FUSED:
+                s_j = tl.sum(tl.where(rr[None, :] == j, s, 0.0), axis=1)  # (BLOCK_M,) column j of s
+            else:
+                s_j = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for p in range(0, SPLIT):  # the partials in a fixed order: deterministic, no atomics
+                    s_j += tl.load(s_ptr + p * M * R + rm * R + j, mask=rm < M, other=0.0)
             u_j = tl.load(u_ptr + rn * R + j, mask=rn < N, other=0.0)  # (BLOCK_N,) fp32
             acc += s_j[:, None] * u_j[None, :]
         y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
@@ -149,7 +169,9 @@ CONFIGS = (
     (256, 128, 128, 64, 8, 8, 3),
     (None, 128, 256, 64, 8, 8, 3),
 )
-XA_BLOCK_M, XA_BLOCK_K = 16, 128
+XA_BLOCK_M, XA_BLOCK_K, XA_ITERS = 16, 128, 4  # the split s = x A: each program takes XA_ITERS K tiles (choice 1)
+XA_VARIANTS = ("split", "serial", "fused")  # K split over programs / one program walks all of K / in the GEMM's K loop
+XA_FUSED_MAX_M = 64  # "fused" up to this many rows, "split" above (choice 1; untuned)
 
 
 def pick_config(M: int, dtype: torch.dtype) -> dict:
@@ -163,17 +185,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def lowrank_linear_triton(x, weight, bias, A, U, config=None):
-    """The fused path: same math as sample.lowrank_linear, two Triton launches (s = x A, then GEMM + epilogue)."""
+def lowrank_linear_triton(x, weight, bias, A, U, config=None, xa=None):
+    """Same math as sample.lowrank_linear in Triton: the GEMM with the adapter in its epilogue, s = x A computed
+    by `xa` (XA_VARIANTS; default by M): a split-K kernel before it ("split", "serial" = one split) or in its K loop."""
     K, Nout, r = x.shape[-1], weight.shape[0], A.shape[1]
     x2 = x.reshape(-1, K)  # (M, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    s = torch.empty(M, r, device=x.device, dtype=torch.float32)  # (M, r)
-    _xa_kernel[(triton.cdiv(M, XA_BLOCK_M),)](
-        x2, A, s, M, K, x2.stride(0), R=r, R_PAD=triton.next_power_of_2(r), BLOCK_M=XA_BLOCK_M, BLOCK_K=XA_BLOCK_K
-    )
+    xa = xa or ("fused" if M <= XA_FUSED_MAX_M else "split")
+    assert xa in XA_VARIANTS, xa
+    r_pad = triton.next_power_of_2(r)
+    split, s = 1, A  # "fused": no partials (s_ptr unused)
+    if xa != "fused":
+        tiles = triton.cdiv(K, XA_BLOCK_K)
+        per = tiles if xa == "serial" else XA_ITERS  # K tiles per program
+        split = triton.cdiv(tiles, per)
+        s = torch.empty(split, M, r, device=x.device, dtype=torch.float32)  # (SPLIT, M, r) partial sums
+        _xa_kernel[(triton.cdiv(M, XA_BLOCK_M), split)](
+            x2, A, s, M, K, x2.stride(0), per * XA_BLOCK_K, R=r, R_PAD=r_pad, BLOCK_M=XA_BLOCK_M, BLOCK_K=XA_BLOCK_K
+        )
     y = torch.empty(M, Nout, device=x.device, dtype=x.dtype)  # (M, Nout)
     cfg = dict(config or pick_config(M, x.dtype))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(Nout, cfg["BLOCK_N"]),)
@@ -183,17 +214,21 @@ def lowrank_linear_triton(x, weight, bias, A, U, config=None):
         x2,
         weight,
         bias if bias is not None else weight,
+        A,
         s,
         U,
         y,
         M,
         Nout,
         K,
+        split,
         x2.stride(0),
         weight.stride(0),
         y.stride(0),
         HAS_BIAS=bias is not None,
+        XA_FUSED=xa == "fused",
         R=r,
+        R_PAD=r_pad,
         UPCAST=upcast,
         PRECISION=precision,
         **cfg,
@@ -396,7 +431,7 @@ class StaticDecode:
         self.x = torch.zeros(pos.shape[0], 1, dtype=torch.long, device=dev)  # (n, 1) the step's input tokens
         self.pos0, self.pos = pos, pos.clone()  # (n, 1) first generated position, and this step's
         self.start = torch.zeros((), dtype=torch.long, device=dev)  # the slot this step writes
-        self.graphs, self.pool = {}, None  # S -> (graph, its logits); one memory pool for all (choice 7)
+        self.graph = None  # (S, torch.cuda.CUDAGraph, its logits) of the current bucket (choice 7)
         if how == "compile":
             self.compiled = torch.compile(self.forward, mode="reduce-overhead")
 
@@ -413,9 +448,10 @@ class StaticDecode:
         if self.how == "compile":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been read
             return self.compiled(self.key_mask[:, :S])
-        if S not in self.graphs:
-            self.graphs[S] = self.capture(S)
-        graph, logits = self.graphs[S]
+        if self.graph is None or self.graph[0] != S:
+            self.graph = None  # free the last bucket's graph and its memory before capturing the next
+            self.graph = (S, *self.capture(S))
+        _, graph, logits = self.graph
         graph.replay()
         return logits
 
@@ -426,7 +462,6 @@ class StaticDecode:
             self.forward(self.key_mask[:, :S])
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.forward(self.key_mask[:, :S])
-        self.pool = graph.pool()
+        with torch.cuda.graph(graph):
+            logits = self.forward(self.key_mask[:, :S])  # recorded, not run: replay() runs it
         return graph, logits

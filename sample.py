@@ -149,7 +149,8 @@ def row_keys(seed, rows):
 def uniforms(keys, t: int):
     """(N,) fp64 uniforms in [0, 1) for step t, a pure function of (seed, row, t) (choice 9): 53 bits from two
     hashes of the row's key and the step."""
-    h = mix32(mix32(keys[:, None] ^ torch.tensor([2 * t, 2 * t + 1], device=keys.device)))  # (N, 2), < 2**32
+    lanes = torch.arange(2, device=keys.device) + 2 * t  # (2,) built on the device: no host-to-device copy
+    h = mix32(mix32(keys[:, None] ^ lanes))  # (N, 2), < 2**32
     return ((h[:, 0] << 21) | (h[:, 1] >> 11)).double() * 2.0**-53
 
 
@@ -157,7 +158,7 @@ def uniforms(keys, t: int):
 # generate
 
 
-def check_args(prompts, G, max_new_tokens, temperature, top_k, top_p, vocab_size, mode, decode, device):
+def check_args(prompts, G, max_new_tokens, temperature, top_k, top_p, vocab_size, mode, decode, device, generator):
     if not prompts or not all(isinstance(p, (list, tuple)) and len(p) > 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists (tokenize the prompts first)")
     if not all(isinstance(t, int) and 0 <= t < vocab_size for p in prompts for t in p):
@@ -172,6 +173,8 @@ def check_args(prompts, G, max_new_tokens, temperature, top_k, top_p, vocab_size
         raise ValueError(f"decode={decode!r} is not one of {DECODES}")
     if decode == "graph" and device.type != "cuda":
         raise ValueError("decode='graph' captures CUDA graphs and needs a CUDA device; use 'static' or 'live' here")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the generator is on {generator.device} but the model on {device}: make it there")
 
 
 def live_step(model, cache, key_mask, pos, Lp):
@@ -212,11 +215,9 @@ def generate(
     rows from the batch once at most half are live (choice 10).
     """
     dev = model.model.embed_tokens.weight.device
-    check_args(prompts, G, max_new_tokens, temperature, top_k, top_p, model.cfg.vocab_size, mode, decode, dev)
-    if generator is not None and generator.device.type != dev.type:
-        raise ValueError(
-            f"the generator is on {generator.device} but the model on {dev}: make it on the model's device"
-        )
+    check_args(
+        prompts, G, max_new_tokens, temperature, top_k, top_p, model.cfg.vocab_size, mode, decode, dev, generator
+    )
     decode = ("graph" if dev.type == "cuda" else "live") if decode == "auto" else decode
     P, T = len(prompts), max_new_tokens
     N = P * G
@@ -277,13 +278,8 @@ def generate(
             key_mask[:, Lp + t] = True  # the slot this step writes
             logits = step(tok.masked_fill(fin, pad_id)[:, None], t)  # (n, V)
     finish = ["stop" if d else "length" for d in done.tolist()]
-    return Rollouts(
-        prompts=[list(p) for p in prompts for _ in range(G)],
-        tokens=tokens[:, :t_end],
-        mask=mask[:, :t_end],
-        logp=logp[:, :t_end],
-        finish=finish,
-    )
+    prompts = [list(p) for p in prompts for _ in range(G)]
+    return Rollouts(prompts, tokens[:, :t_end], mask[:, :t_end], logp[:, :t_end], finish)
 
 
 # -----------------------------------------------------------------------------
@@ -304,27 +300,17 @@ if __name__ == "__main__":
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="auto", choices=MODES)
+    p.add_argument("--decode", default="auto", choices=DECODES)
     args = p.parse_args()
     model, tok = load_model(args.model), Tokenizer(args.model)
     if args.adapter:
         import export
 
         export.load_adapter(args.adapter, model)
-    dev = model.model.embed_tokens.weight.device
     ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
-    out = generate(
-        model,
-        [ids],
-        G=args.G,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop_ids=tok.stop_ids,
-        pad_id=tok.pad_id,
-        mode=args.mode,
-        generator=torch.Generator(dev).manual_seed(args.seed),
-    )
+    gen = torch.Generator(model.model.embed_tokens.weight.device).manual_seed(args.seed)
+    kw = {k: getattr(args, k) for k in ("G", "max_new_tokens", "temperature", "top_k", "top_p", "mode", "decode")}
+    out = generate(model, [ids], stop_ids=tok.stop_ids, pad_id=tok.pad_id, generator=gen, **kw)
     for g in range(args.G):
         n = int(out.mask[g].sum())
         print(f"--- sample {g} ({out.finish[g]}, {n} tokens, mean logp {out.logp[g, :n].mean():.3f})")

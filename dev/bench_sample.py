@@ -4,8 +4,12 @@ Benchmarks for sample.py and its fast paths (kernels.py); every ratio is measure
     python dev/bench_sample.py --what cpu        # ours vs transformers generate, SmolLM2-135M-Instruct, batch 16
     python dev/bench_sample.py --what gemm       # CPU: one decode step's matmuls, streamed: GB/s of each library
     python dev/bench_sample.py --what mismatch   # sampler vs trainer log-probs: fused path vs merged bf16 weights
-    python dev/bench_sample.py --what kernel     # GPU: fused adapter-matmul vs cuBLAS F.linear, Qwen2.5-7B shapes
-    python dev/bench_sample.py --what sampler    # GPU: decode tokens/s vs the bandwidth roofline, adapter on vs off
+    python dev/bench_sample.py --what kernel     # GPU: fused adapter-matmul (each s = x A variant) vs cuBLAS, 7B shapes
+    python dev/bench_sample.py --what sampler    # GPU: decode tokens/s vs the roofline, adapter and CUDA graphs on/off
+
+A dry run of the GPU ones on CPU (catches typos; figures meaningless):
+    TRITON_INTERPRET=1 python dev/bench_sample.py --what kernel --device cpu --M 1 20
+    python dev/bench_sample.py --what sampler --device cpu --sizes tiny --contexts 40 300 --decodes live static
 
 cpu: both sides generate 128 forced new tokens (no stop) for the same 16 chat prompts at temperature 1, no top-k/p,
 fp32, `--threads` threads; they alternate (ours, ours + adapter, ours with mode="torch", hf, ours, ...) so a machine
@@ -60,6 +64,7 @@ SHAPES_7B = {  # Qwen2.5-7B projections: (d_out, d_in)
 QWEN = {  # hidden, layers, heads, kv heads, head_dim, intermediate, vocab, tied (../shared/PERF.md)
     "1.5B": (1536, 28, 12, 2, 128, 8960, 151936, True),
     "7B": (3584, 28, 28, 4, 128, 18944, 152064, False),
+    "tiny": (64, 2, 4, 2, 16, 128, 512, True),  # for a dry run of the GPU benchmarks on CPU (--device cpu)
 }
 
 
@@ -295,33 +300,44 @@ def bench_mismatch(args):
 
 
 def bench_kernel(args):
+    """Per Qwen2.5-7B projection and M: cuBLAS F.linear (merged-weight baseline), the Triton kernel with each way of
+    computing s = x A (kernels.XA_VARIANTS), the plain torch path, and the best tile config (the sweep that should
+    retune kernels.CONFIGS and kernels.XA_FUSED_MAX_M)."""
     from triton.testing import do_bench
 
-    dev, dt = "cuda", torch.bfloat16
-    us = lambda f, *a, **kw: do_bench(lambda: f(*a, **kw)) * 1e3  # microseconds, CUDA events, L2 flushed
+    dev, dt = args.device, torch.bfloat16
+    if dev == "cuda":
+        us = lambda f, *a, **kw: do_bench(lambda: f(*a, **kw)) * 1e3  # microseconds, CUDA events, L2 flushed
+    else:  # a dry run of this script under TRITON_INTERPRET=1 (figures meaningless)
+        us = lambda f, *a, **kw: (lambda t0: (f(*a, **kw), (time.perf_counter() - t0) * 1e6)[1])(time.perf_counter())
+    xas = kernels.XA_VARIANTS
     print(
-        f"{'proj':>9} {'M':>5} {'cuBLAS us':>9} {'fused us':>9} {'ratio':>6} {'GB/s':>7} {'torch path':>10} "
-        f"{'best cfg us':>11} best config"
+        f"{'proj':>9} {'M':>5} {'cuBLAS us':>9} "
+        + " ".join(f"{x + ' us':>9}" for x in xas)
+        + f" {'best':>6} {'ratio':>6} {'GB/s':>7} {'torch us':>9} {'best cfg us':>11} best config"
     )
-    for name, (N, K) in SHAPES_7B.items():
+    for name, (N, K) in args.shapes.items():
         W = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
         U, V = torch.randn(N, 2, device=dev), torch.randn(K, 2, device=dev) / K**0.5
         A = (V @ torch.randn(2, 2, device=dev).T).contiguous()
         b = torch.randn(N, device=dev, dtype=dt) if name in ("q_proj", "k_proj", "v_proj") else None
         for M in args.M:
             x = torch.randn(M, K, device=dev, dtype=dt)
-            t_ref = us(F.linear, x, W, b)  # the merged-weight baseline (cuBLAS)
-            t_fused = us(kernels.lowrank_linear_triton, x, W, b, A, U)
+            t_ref = us(F.linear, x, W, b)
+            t_xa = {xa: us(kernels.lowrank_linear_triton, x, W, b, A, U, xa=xa) for xa in xas}
+            xa_best = min(t_xa, key=t_xa.get)
             t_torch = us(sample.lowrank_linear, x, W, b, A, U)
             best = (float("inf"), None)
-            for _, bm, bn, bk, gm, w, s in kernels.CONFIGS:  # the sweep that should retune kernels.CONFIGS
+            for _, bm, bn, bk, gm, w, s in kernels.CONFIGS:
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
-                t = us(kernels.lowrank_linear_triton, x, W, b, A, U, config=cfg)
+                t = us(kernels.lowrank_linear_triton, x, W, b, A, U, config=cfg, xa=xa_best)
                 best = min(best, (t, (bm, bn, bk, gm, w, s)), key=lambda z: z[0])
-            gbs = (W.numel() + 2 * x.numel() + M * N) * 2 / (t_fused * 1e-6) / 1e9  # W, x (twice), y bytes
+            t_best = t_xa[xa_best]
+            gbs = (W.numel() + 2 * x.numel() + M * N) * 2 / (t_best * 1e-6) / 1e9  # W, x (twice), y bytes
             print(
-                f"{name:>9} {M:5d} {t_ref:9.1f} {t_fused:9.1f} {t_fused / t_ref:6.2f} {gbs:7.0f} {t_torch:10.1f} "
-                f"{best[0]:11.1f} {best[1]}"
+                f"{name:>9} {M:5d} {t_ref:9.1f} "
+                + " ".join(f"{t_xa[xa]:9.1f}" for xa in xas)
+                + f" {xa_best:>6} {t_best / t_ref:6.2f} {gbs:7.0f} {t_torch:9.1f} {best[0]:11.1f} {best[1]}"
             )
 
 
@@ -353,54 +369,79 @@ def random_model(size, dev="cuda", dtype=torch.bfloat16):
     return model.eval()
 
 
-def hbm_bandwidth():
-    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    from triton.testing import do_bench
+def sync(dev):
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
 
-    ms = do_bench(lambda: y.copy_(x))
-    return 2 * x.numel() / (ms * 1e-3)  # bytes/s (read + write)
+
+def bandwidth(dev):
+    """Bytes/s of a large copy (read + write): HBM on a GPU; on CPU (a dry run) whatever memcpy gets."""
+    n = 2 * 1024**3 if torch.device(dev).type == "cuda" else 64 * 1024**2
+    x = torch.empty(n, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(5):
+        sync(dev)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n / best
 
 
 def bench_sampler(args):
-    bw = hbm_bandwidth()
-    print(f"measured HBM bandwidth (2 GiB copy): {bw / 1e12:.2f} TB/s")
-    print(f"{'model':>5} {'batch':>5} {'adapter':>7} {'ms/step':>8} {'tokens/s':>9} {'GB/step':>8} {'% roofline':>10}")
-    ctx, n1, n2 = args.context, 8, 8 + args.steps
+    """Decode tokens/s at real shapes vs the bandwidth floor (weights + live keys/values read once a step), adapter
+    off/on and per decode step (sample.DECODES: "live" eager, "graph" CUDA graphs). One prompt of `ctx` random tokens
+    fanned out to `batch` rows (G = batch): the prefill stays one row, and a decode step reads what `batch` distinct
+    prompts would. Per-step time = (time of n2 steps - time of n1 steps) / (n2 - n1), best of 2, so prefill, graph
+    captures (both runs stay in one length bucket) and the call's fixed costs cancel."""
+    dev = args.device
+    bw = bandwidth(dev)
+    print(f"measured bandwidth ({dev} copy): {bw / 1e12:.2f} TB/s")
+    print(
+        f"{'model':>5} {'ctx':>5} {'batch':>5} {'decode':>7} {'adapter':>7} {'ms/step':>8} {'tokens/s':>9} "
+        f"{'GB/step':>8} {'% roofline':>10}"
+    )
+    n1, n2 = 8, 8 + args.steps
     for size in args.sizes:
-        model = random_model(size)
+        model = random_model(size, dev=dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
         C, L, H, Hkv, D, I, Vocab, tied = QWEN[size]
-        w_bytes = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n or tied) * 2
+        nbytes = next(model.parameters()).element_size()
+        w_bytes = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n or tied) * nbytes
         adapters = None
-        for batch in args.batch_sizes:
-            for adapter in ("off", "on"):
-                if adapter == "on" and adapters is None:
-                    attach(model, scale=1e-3, stand_in=True)
-                    adapters = [m for m in model.modules() if hasattr(m, "lowrank")]
-                for m in adapters or []:
-                    m.enabled = adapter == "on"
-                g = torch.Generator("cuda").manual_seed(0)
-                prompts = torch.randint(0, Vocab, (batch, ctx), generator=g, device="cuda").tolist()
-                sample.generate(model, prompts, max_new_tokens=2, generator=g)  # warm-up: Triton compiles, allocator
-                steps = []
-                for _ in range(2):  # per-step decode time = difference of two runs / extra steps (prefill cancels)
-                    times = []
-                    for n in (n1, n2):
-                        torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        sample.generate(model, prompts, max_new_tokens=n, generator=g)
-                        torch.cuda.synchronize()
-                        times.append(time.perf_counter() - t0)
-                    steps.append((times[1] - times[0]) / (n2 - n1))
-                step = min(steps)
-                kv_bytes = 2 * L * batch * Hkv * (ctx + (n1 + n2) // 2) * D * 2  # keys + values read per step
-                gb = (w_bytes + kv_bytes) / 1e9
-                print(
-                    f"{size:>5} {batch:5d} {adapter:>7} {step * 1e3:8.2f} {batch / step:9.0f} {gb:8.2f} "
-                    f"{100 * gb * 1e9 / step / bw:9.1f}%"
-                )
+        for ctx in args.contexts:
+            prompt = torch.randint(0, Vocab, (ctx,), generator=torch.Generator().manual_seed(0)).tolist()
+            for batch in args.batch_sizes:
+                for decode in args.decodes:
+                    for adapter in ("off", "on"):
+                        if adapter == "on" and adapters is None:
+                            attach(model, scale=1e-3, stand_in=True)
+                            adapters = [m for m in model.modules() if hasattr(m, "lowrank")]
+                        for m in adapters or []:
+                            m.enabled = adapter == "on"
+                        run = functools.partial(sample.generate, model, [prompt], G=batch, decode=decode)
+                        run(max_new_tokens=2, generator=torch.Generator(dev).manual_seed(0))  # Triton compiles
+                        steps = []
+                        for _ in range(2):
+                            times = []
+                            for n in (n1, n2):
+                                sync(dev)
+                                t0 = time.perf_counter()
+                                run(max_new_tokens=n, generator=torch.Generator(dev).manual_seed(0))
+                                sync(dev)
+                                times.append(time.perf_counter() - t0)
+                            steps.append((times[1] - times[0]) / (n2 - n1))
+                        step = max(min(steps), 1e-9)
+                        kv_bytes = 2 * L * batch * Hkv * (ctx + (n1 + n2) // 2) * D * nbytes  # live keys + values
+                        gb = (w_bytes + kv_bytes) / 1e9
+                        print(
+                            f"{size:>5} {ctx:5d} {batch:5d} {decode:>7} {adapter:>7} {step * 1e3:8.2f} "
+                            f"{batch / step:9.0f} {gb:8.2f} {100 * gb * 1e9 / step / bw:9.1f}%",
+                            flush=True,
+                        )
         del model
-        torch.cuda.empty_cache()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
@@ -415,10 +456,13 @@ if __name__ == "__main__":
     p.add_argument("--M", type=int, nargs="+", default=[1, 8, 64, 256, 4096], help="kernel: rows of x")
     p.add_argument("--sizes", nargs="+", default=["1.5B", "7B"], choices=list(QWEN))
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
-    p.add_argument("--context", type=int, default=1024, help="sampler: prompt length (live context ~ this)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096], help="sampler: prompt lengths")
+    p.add_argument("--decodes", nargs="+", default=["live", "graph"], choices=sample.DECODES[1:])
     p.add_argument("--steps", type=int, default=32, help="sampler: decode steps timed")
+    p.add_argument("--device", default="cuda", help="kernel/sampler: 'cpu' only for a dry run at --sizes tiny")
     args = p.parse_args()
-    if args.what in ("kernel", "sampler") and not torch.cuda.is_available():
+    args.shapes = SHAPES_7B if args.device == "cuda" else {"q_proj": (40, 72), "down_proj": (24, 1000)}
+    if args.what in ("kernel", "sampler") and args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--what {args.what} needs a CUDA GPU (none visible to torch here)")
     benches = {"cpu": bench_cpu, "gemm": bench_gemm, "mismatch": bench_mismatch}
     benches |= {"kernel": bench_kernel, "sampler": bench_sampler}

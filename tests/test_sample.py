@@ -269,6 +269,40 @@ def test_dropping_finished_rows_changes_no_token_or_logp(qwen2, monkeypatch, dec
     assert n.min() < n.max()  # rows of different lengths
 
 
+def test_graph_decode_bookkeeping_with_a_stand_in_graph(qwen2, monkeypatch):
+    """decode="graph" on CPU with StaticDecode.capture replaced by a stand-in whose replay recomputes into the same
+    output tensor, as a CUDA graph does: the static inputs must be updated in place and each output read before the
+    next replay overwrites it. (The capture itself needs a GPU: tests/test_kernel.py, dev/gpu_checks.sh.)"""
+
+    class Replay:
+        def __init__(self, step, S):
+            self.step, self.S = step, S
+            self.out = step.forward(step.key_mask[:, :S])
+
+        def replay(self):
+            self.out.copy_(self.step.forward(self.step.key_mask[:, : self.S]))
+
+    captured = []
+
+    def capture(self, S):
+        captured.append((len(self.x), S))
+        g = Replay(self, S)
+        return g, g.out
+
+    monkeypatch.setattr(kernels.StaticDecode, "capture", capture)
+    monkeypatch.setattr(kernels, "BUCKET", 8)
+    kw = dict(G=3, max_new_tokens=24, stop_ids=list(range(40, 140)))
+    live = gen(qwen2, decode="live", **kw)
+    monkeypatch.setattr(sample, "check_args", lambda *a: None)  # let decode="graph" through on CPU
+    graph = gen(qwen2, decode="graph", **kw)
+    assert_same(live, graph)
+    rows = [n for n, _ in captured]
+    assert len(set(rows)) > 1 and rows == sorted(rows, reverse=True)  # rows were dropped and graphs re-captured
+    for n in set(rows):  # within one batch, each bucket is captured once, in growing order
+        sizes = [S for m, S in captured if m == n]
+        assert sizes == sorted(set(sizes))
+
+
 def test_decode_graph_needs_cuda_and_unknown_decode_is_refused(qwen2):
     with pytest.raises(ValueError, match="CUDA"):
         sample.generate(qwen2, [[1, 2, 3]], max_new_tokens=4, decode="graph")
