@@ -7,8 +7,9 @@ For prompt q with G completions o_1..o_G, rewards r_i, and tokens o_i,t:
     A_i      = (r_i - mean(r)) / (std(r) + eps)                      (Dr. GRPO: no division by std)
     rho_i,t  = pi(o_i,t | q, o_i,<t) / pi_old(o_i,t | ...)
     w_i,t    = min(pi_old / pi_sampler, cap)                         (truncated importance sampling, TIS)
-    l_i,t    = -w_i,t * min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + beta * k3_i,t
+    l_i,t    = -w_i,t * min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + beta * k3_i,t - c * H_i,t
     k3       = exp(ref - logp) - (ref - logp) - 1                    (ref = the base: adapter switched off)
+    H_i,t    = -sum_v pi(v | ...) log pi(v | ...)                     (entropy bonus, weight c: the MATH recipe)
     loss     = agg(l) over completion tokens
 
 Choices, each marked *paper* (what "Learning to Reason in 13 Parameters" or the GRPO/DAPO/Dr. GRPO papers it
@@ -34,6 +35,9 @@ builds on do) or *ours*:
    output cast to fp32 and divided by the sampling temperature, as the sampler computes them.
 7. The KL reference is the same network inside `adapter.disabled()`: one more no-grad forward, only when
    beta > 0 (*paper*: KL 0 for GSM8K).
+8. Entropy bonus (*official*, its MATH script: c = 0.001, 0 for GSM8K): the policy's entropy over the whole
+   vocabulary at each sampled position, from the same temperature-scaled fp32 logits, in the same chunks (choice 6),
+   aggregated like the rest of the loss and with its gradient; computed only when c > 0.
 
 Letters: N rows (prompts x G), P prompt columns (left-padded), T completion columns (right-padded), C hidden,
 V vocab, n selected tokens.
@@ -99,11 +103,13 @@ def policy_loss(
     weight=None,
     ref_logp=None,
     beta: float = 0.0,
+    entropy=None,
+    entropy_coef: float = 0.0,
     n_tokens=None,
     n_seqs=None,
     norm=None,
 ):
-    """The clipped GRPO loss. logp / old_logp / weight / ref_logp (N, T), adv (N,), mask (N, T) bool.
+    """The clipped GRPO loss. logp / old_logp / weight / ref_logp / entropy (N, T), adv (N,), mask (N, T) bool.
     Returns (loss, stats) with stats the per-token clip indicator and k3 (detached) for logging."""
     ratio = (logp - old_logp).exp()  # (N, T)
     a = adv[:, None]  # (N, 1)
@@ -114,6 +120,8 @@ def policy_loss(
         pg = pg * weight
     kl = torch.zeros_like(logp) if ref_logp is None else kl_k3(logp, ref_logp)
     per_token = pg + beta * kl if beta else pg
+    if entropy_coef:  # choice 8: a bonus, so it lowers the loss
+        per_token = per_token - entropy_coef * entropy
     loss = aggregate(per_token, mask, agg, n_tokens=n_tokens, n_seqs=n_seqs, norm=norm)
     stats = {"clipped": (clipped < unclipped).detach() & mask, "kl": kl.detach()}  # where the clip binds
     return loss, stats
@@ -123,19 +131,26 @@ def policy_loss(
 # log-probs from the model, chunked (choice 6)
 
 
-def _chunk_logp(h, W, t, temperature):
+def _chunk_logp(h, W, t, temperature, entropy=False):
     logits = F.linear(h, W).float() / temperature  # (n, V) fp32, only this chunk's
-    return logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(-1)  # (n,)
+    lse = logits.logsumexp(-1)  # (n,)
+    logp = logits.gather(1, t[:, None]).squeeze(1) - lse  # (n,)
+    if not entropy:
+        return logp
+    p = (logits - lse[:, None]).exp()  # (n, V)
+    return logp, lse - (p * logits).sum(-1)  # H = -sum p log p = logsumexp(z) - sum p z  (n,)
 
 
-def token_logprobs(model, input_ids, completion_mask, P: int, chunk: int = 4096, temperature: float = 1.0):
+def token_logprobs(
+    model, input_ids, completion_mask, P: int, chunk: int = 4096, temperature: float = 1.0, entropy: bool = False
+):
     """log pi(token) of every completion token given everything before it, in pack's layout.
 
     input_ids (N, P+T): rows [prompt | completion | right padding], each row's real tokens first, so the forward
     is plain causal attention with no mask (model.py choice 2: the flash kernel's layout). completion_mask
     (N, P+T) is True at each row's completion tokens, columns [len(prompt_i), len(prompt_i) + n_i). Returns
     (N, T) fp32, row i's completion token t at column t, 0 past n_i. The head runs only at the completion
-    positions, `chunk` tokens at a time."""
+    positions, `chunk` tokens at a time. entropy=True returns (logp, H), H (N, T) the policy's entropy there (8)."""
     N, W = input_ids.shape
     T = W - P  # the longest completion
     assert P >= 1 and T >= 1, "pack's layout: every row has a prompt token, the output at least one column"
@@ -146,11 +161,13 @@ def token_logprobs(model, input_ids, completion_mask, P: int, chunk: int = 4096,
     recompute = torch.is_grad_enabled() and h_sel.shape[0] > chunk
     out = []
     for i in range(0, h_sel.shape[0], chunk):
-        args = (h_sel[i : i + chunk], W_head, t_sel[i : i + chunk], temperature)
-        out.append(checkpoint(_chunk_logp, *args, use_reentrant=False) if recompute else _chunk_logp(*args))
-    vals = torch.cat(out) if out else h_sel.new_zeros(0, dtype=torch.float32)
+        args = (h_sel[i : i + chunk], W_head, t_sel[i : i + chunk], temperature, entropy)
+        part = checkpoint(_chunk_logp, *args, use_reentrant=False) if recompute else _chunk_logp(*args)
+        out.append(part if entropy else (part,))
+    cols = [torch.cat(c) for c in zip(*out)] if out else [h_sel.new_zeros(0, dtype=torch.float32)] * (1 + entropy)
     mask = torch.arange(T, device=h.device) < completion_mask.sum(1, keepdim=True)  # (N, T): n_i leading columns
-    return torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_scatter(mask, vals)  # (N, T)
+    res = [torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_scatter(mask, c) for c in cols]
+    return tuple(res) if entropy else res[0]  # (N, T) each
 
 
 def pack(prompts: list[list[int]], tokens: torch.Tensor, mask: torch.Tensor, pad_id: int):
@@ -254,6 +271,7 @@ def grpo_backward(
     agg: str = "token-mean",
     norm=None,
     beta: float = 0.0,
+    entropy_coef: float = 0.0,
     tis_cap: float | None = 2.0,
     temperature: float = 1.0,
     chunk: int = 4096,
@@ -269,7 +287,7 @@ def grpo_backward(
     n_tokens = int(mask.sum()) if n_tokens is None else n_tokens
     n_seqs = len(prompts) if n_seqs is None else n_seqs
     m = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "kl": 0.0, "w_sum": 0.0, "w_min": float("inf"), "w_max": 0.0}
-    m |= {"mismatch_sum": 0.0, "mismatch_max": 0.0}
+    m |= {"mismatch_sum": 0.0, "mismatch_max": 0.0} | ({"entropy": 0.0} if entropy_coef else {})
     for idx in micro_batches(row_lengths(prompts, mask), micro_batch_tokens, micro_batch):
         sl = torch.tensor(idx, device=tokens.device)  # this micro-batch's rows: tensors and prompts indexed alike
         ids, am, P = pack([prompts[i] for i in idx], tokens[sl], mask[sl], pad_id)
@@ -279,12 +297,13 @@ def grpo_backward(
         if beta:  # choice 7: the base is the same weights with the adapter off
             with torch.no_grad(), adapter.disabled():
                 ref = token_logprobs(model, ids, am, P, chunk, temperature)
-        logp = token_logprobs(model, ids, am, P, chunk, temperature)  # (n, T) with grad
+        logp = token_logprobs(model, ids, am, P, chunk, temperature, entropy=bool(entropy_coef))  # (n, T), grad
+        logp, ent = logp if entropy_coef else (logp, None)
         old = logp.detach() if old_logp is None else old_logp[sl, :T]
         w = tis_weights(old, s_lp, tis_cap) if tis_cap else None
         loss, st = policy_loss(
             logp, old, adv[sl], mk, eps_low=eps_low, eps_high=eps_high, agg=agg, weight=w, ref_logp=ref, beta=beta,
-            n_tokens=n_tokens, n_seqs=n_seqs, norm=norm,
+            entropy=ent, entropy_coef=entropy_coef, n_tokens=n_tokens, n_seqs=n_seqs, norm=norm,
         )  # fmt: skip
         loss.backward()
         # logging: sums over this micro-batch's real tokens
@@ -295,6 +314,8 @@ def grpo_backward(
         m["clipped"] += float(st["clipped"].sum())
         m["kl"] += float(st["kl"][mk].sum())
         m["mismatch_sum"] += float(diff.sum())
+        if entropy_coef:
+            m["entropy"] += float(ent.detach()[mk].sum())
         if diff.numel():
             m["mismatch_max"] = max(m["mismatch_max"], float(diff.max()))
             m["w_sum"] += float(wt.sum())

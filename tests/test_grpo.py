@@ -415,3 +415,47 @@ def test_grpo_learns_a_synthetic_reward_with_two_parameters(make_checkpoint):
     # the mean of four clears 0.05 with a margin of about two standard deviations
     gains = [synthetic_reward_gain(make_checkpoint, seed) for seed in range(4)]
     assert min(gains) > 0 and sum(gains) / len(gains) > 0.05, gains
+
+
+# -----------------------------------------------------------------------------
+# the entropy bonus (choice 8) on a three-token vocabulary, worked by hand
+
+
+class Bigram(torch.nn.Module):
+    """h at column j is row E[token_j]; the head is the identity, so the logits predicting token j+1 are E[token_j]."""
+
+    def __init__(self, E):
+        super().__init__()
+        self.E = torch.nn.Parameter(E.clone())
+        self.lm_head = torch.nn.Linear(3, 3, bias=False)
+        self.lm_head.weight.data = torch.eye(3)
+
+    def forward(self, ids, hidden_only=True):
+        return self.E[ids]
+
+
+def test_entropy_is_hand_computed_in_chunks_and_its_bonus_lowers_the_loss():
+    ln2, ln3 = math.log(2), math.log(3)
+    E = torch.tensor([[0.0, 0, 0], [2 * ln2, 0, 0], [ln2, 0, 0]])  # p after 0: 1/3 each; after 1: 4:1:1; after 2: 2:1:1
+    H = [ln3, -(4 / 6) * math.log(4 / 6) - (2 / 6) * math.log(1 / 6), 1.5 * ln2]  # -sum p log p, by hand
+    ids, am, P = grpo.pack([[0], [1]], torch.tensor([[1, 2, 0], [2, 0, 0]]), torch.tensor([[1, 1, 1], [1, 0, 0]]), 0)
+    model = Bigram(E)
+    for chunk in (1, 4096):  # one token a chunk (recomputed in backward) and all at once
+        logp, ent = grpo.token_logprobs(model, ids, am, P, chunk=chunk, entropy=True)
+        assert torch.allclose(ent, torch.tensor([H, [H[1], 0, 0]]), atol=1e-6)
+        assert torch.allclose(logp[0], torch.log(torch.tensor([1 / 3, 1 / 6, 2 / 4])), atol=1e-6)
+        assert torch.equal(logp, grpo.token_logprobs(model, ids, am, P, chunk=chunk))  # entropy=False: same logp
+    # temperature 2 halves the logits: after token 1 they become (ln 2, 0, 0), entropy 1.5 ln 2
+    _, ent = grpo.token_logprobs(model, ids, am, P, temperature=2.0, entropy=True)
+    assert ent[0, 1].item() == pytest.approx(1.5 * ln2, abs=1e-6)
+    # the bonus: loss - c * token-mean(H), and its gradient is -c * dH/dE (H from softmax, independently)
+    mask, adv, c = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool), torch.zeros(2), 0.1  # A = 0: only H
+    logp, ent = grpo.token_logprobs(model, ids, am, P, chunk=1, entropy=True)
+    loss, _ = grpo.policy_loss(logp, logp.detach(), adv, mask, entropy=ent, entropy_coef=c)
+    assert loss.item() == pytest.approx(-c * (sum(H) + H[1]) / 4, abs=1e-6)
+    loss.backward()
+    E2 = E.clone().requires_grad_()
+    p = E2.softmax(-1)
+    h_ref = -(p * p.log()).sum(-1)  # per context token 0, 1, 2
+    (-c * (h_ref[0] + 2 * h_ref[1] + h_ref[2]) / 4).backward()  # contexts 0, 1, 2 in row 0 and 1 in row 1
+    assert torch.allclose(model.E.grad, E2.grad, atol=1e-6)
