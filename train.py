@@ -1,41 +1,51 @@
 """
 Train a TinyLoRA adapter with GRPO (or SFT, the paper's comparison): the one script that wires the library.
 
-    python train.py --u 1 --tie 196             # Qwen2.5-7B-Instruct on GSM8K: exactly 1 trainable parameter
+    python train.py --u 1 --tie 196                 # Qwen2.5-7B-Instruct on GSM8K: exactly 1 trainable parameter
+    python train.py --recipe math --u 1 --tie 16    # MATH as the paper ran it (SimpleRL's setup)
     python train.py --device cpu --model DIR --data train.jsonl --eval-data test.jsonl --max-new-tokens 128 ...
 
 Each step: take the next --prompts-per-step questions -> sample G completions each (sample.py) -> grade them
-(data/) -> GRPO loss and gradient (grpo.py) -> AdamW step(s) on v -> log -> evaluate -> checkpoint.
+(data/) -> GRPO loss and gradient (grpo.py) -> AdamW step(s) on v -> log -> evaluate -> checkpoint (runs.py: the
+run folder, resuming).
 
-Choices, each marked *paper* ("Learning to Reason in 13 Parameters", GSM8K setup), *official* (its code) or *ours*:
-1. Defaults: Qwen2.5-7B-Instruct, G = 4, 64 prompts a step, 3 epochs, temperature 1, 4,096 new tokens, no KL, r = 2,
-   tiled tying, exact-match reward (*paper*); u = 1, tie = 16 is the headline 13 parameters (*paper*).
-2. lr = 2e-4, the top of the paper's sweep 1e-7..2e-4 (*ours*): Adam moves v ~lr a step, so ~350 steps move the top
-   directions by <= ~7%; lr 0.1 wrecked SmolLM2-135M in one step (docs/RESULTS.md; small CPU runs use 1e-2).
-3. AdamW without weight decay, constant lr, gradient-norm clip 1.0 (*ours*; the paper does not say).
-4. Updates: a step's groups split into --mini-batches K (prompts k, k+K, ...), each used for --mu updates, all through
-   one loop in main (*ours*); K = mu = 1, one on-policy update with no pi_old forward, by default (*ours*).
-5. With more than one update a step, pi_old is the policy before the step's first update for every one of them,
+Choices, each marked *paper* ("Learning to Reason in 13 Parameters"), *official* (its code, jxmorris12/verl-lora;
+docs/FIDELITY.md has the sources) or *ours*:
+1. --recipe gsm8k (default) | math sets every flag of RECIPES left unset (`--help` prints the table); a flag given
+   wins. Where the paper is silent, a default is the official script's for that task (*ours*: the rule).
+2. G 4 | 8, 64 | 256 prompts a step, 3 epochs, temperature 1, KL 0 | 0.001, MATH on SimpleRL's levels 3-5 set
+   evaluated on MATH500 (*paper*); r = 2, tiled tying, u = 1, tie = 16: the headline 13 parameters (*paper*).
+3. lr 1e-5 for GSM8K (*official*: its GSM8K scripts; the paper swept 1e-7..2e-4); 5e-7 for MATH (*official*:
+   math_1gpu_example__no_ray.sh, the one-GPU script; its 2-GPU no-Ray script has 2e-5).
+4. Warm-up: lr(b) = lr b / W for batches b < W = int(--warmup x the batches of --epochs), from 0, then constant;
+   --warmup 0.05 for GSM8K, 0 for MATH (*official*). A function of the step: resuming needs no scheduler state.
+5. AdamW (0.9, 0.999), weight decay 0.01, gradient-norm clip 1.0 (*official*).
+6. Updates: a step's groups split into --mini-batches K (prompts k, k+K, ...), each used --mu times: K = 2 for GSM8K
+   (32 prompts each), 1 for MATH, mu = 1 (*official*). K = mu = 1 is one on-policy update without a pi_old forward.
+7. With more than one update a step, pi_old is the policy before the step's first update for every one of them,
    computed once (*paper*: GRPO's pi_old is the policy that sampled).
-6. Data order: a permutation per epoch from --seed, the last partial batch dropped, the position a pure function of
-   the step (*ours*); --max-prompt-tokens drops, never cuts, longer prompts; off by default (*official*: 512).
-7. Checkpoints hold v, the optimizer, every RNG and the step, each file written to a temporary name and renamed: a
-   kill -9 loses at most the steps since the last one (*ours*).
-8. Evaluation is greedy on the test split (*paper*), before training, every --eval-every steps and at the end.
-9. Data parallel under torchrun (*ours*, parallel.py): each rank takes 1/N of the prompts, counts and gradients are
-   summed, so the update is the same for any N; without torchrun none of it runs.
-10. Each sampling call re-seeds from (seed, step, its first prompt's index) (*ours*): rollouts depend on the step
-    and v only, the same on N ranks when prompts-per-step / N is a multiple of --sample-batch.
+8. Clip eps_low 0.2, eps_high 0.4 | 0.2; TIS cap 2; entropy bonus 0 | 0.001 (grpo.py choice 8) (*official*).
+9. Prompts longer than --max-prompt-tokens 512 | 1024 are dropped, never cut; completions up to 4,096 | 3,072 tokens
+   (data.response_tokens); MATH prompts in SimpleRL's qwen-boxed style (*official*).
+10. GSM8K reward `official`: the official scorer, whose exact string match measured the paper's 76% -> 91%
+    (*official*); strict, flexible and official are logged at every step and evaluation whatever --reward says.
+11. Data order: a permutation per epoch from --seed, the last partial batch dropped, the position a pure function of
+    the step (*ours*; the official scripts read the file in order every epoch).
+12. Evaluation is greedy (*paper*) on --eval-data, else the task's test set (GSM8K test, MATH500), before training,
+    every --eval-every steps and at the end, with v rounded to --v-dtype: what the saved file gives (*ours*).
+13. Data parallel under torchrun (*ours*, parallel.py): each rank takes 1/N of the prompts, counts and gradients are
+    summed, so the update is the same for any N; each sampling call re-seeds from (seed, step, its first prompt).
+14. A run ends by writing RUN/peft/, the same update as a standard PEFT LoRA (export.export_peft_lora) (*ours*).
 """
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
 import math
 import os
 import random
-import subprocess
 import time
 
 import torch
@@ -45,20 +55,36 @@ import data
 import eval as evaluation
 import export
 import grpo
+import hub
 import parallel
+import report
+import runs
 import sample
 import tinylora
-from hub import hub_reachable
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-EVAL_KEYS = ("strict", "flexible", "accuracy")  # what eval.evaluate reports (with _lo/_hi 95% bounds)
-DATASETS_HINT = "gsm8k (the Hub, or a local GSM8K-style .jsonl with question/answer fields)"
+EVAL_KEYS = ("strict", "flexible", "official", "accuracy")  # what eval.evaluate reports (with _lo/_hi 95% bounds)
+DATASETS_HINT = "gsm8k, math_train (the Hub), or a local .jsonl/.parquet with question/answer fields"
 
 # -----------------------------------------------------------------------------
-# args: one flat block, grouped; names follow the paper's symbols
+# args: one flat block, grouped; names follow the paper's symbols. Flags whose default is None take the recipe's.
+
+RECIPES = {  # choice 1; the marks are in the header (choices 2-10)
+    "gsm8k": dict(model="Qwen/Qwen2.5-7B-Instruct", data="gsm8k", prompt_style=None, G=4, prompts_per_step=64,
+                  lr=1e-5, warmup=0.05, mini_batches=2, eps_high=0.4, kl=0.0, entropy_coef=0.0,
+                  max_prompt_tokens=512, reward="official"),
+    "math": dict(model="Qwen/Qwen2.5-Math-7B", data="math_train", prompt_style="qwen-boxed", G=8,
+                 prompts_per_step=256, lr=5e-7, warmup=0.0, mini_batches=1, eps_high=0.2, kl=0.001,
+                 entropy_coef=0.001, max_prompt_tokens=1024, reward="official"),
+}  # fmt: skip
+RECIPE_TABLE = "\n".join(  # --help's epilog: the effective defaults of each recipe
+    ["recipes (--recipe NAME; a flag given explicitly wins):", " " * 23 + "".join(f"{n:<28}" for n in RECIPES)]
+    + [f"  --{k.replace('_', '-'):<21}" + "".join(f"{str(r[k]):<28}" for r in RECIPES.values()).rstrip()
+       for k in RECIPES["gsm8k"]]
+    + ["  (None: the data's own; both: --max-new-tokens the task's, 4096 / 3072; evaluation on the task's test set)"]
+)  # fmt: skip
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows "(default: X)" unless the help text already says what the default is, or there is none."""
 
     def _get_help_string(self, action):
@@ -67,12 +93,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=RECIPE_TABLE)
+p.add_argument("--recipe", default="gsm8k", choices=list(RECIPES), help="the paper's setup for a task (choice 1)")
 # model and data
-p.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="local HF folder or Hub id")
-p.add_argument("--data", default="gsm8k", help="training set: a name known to data/ or a local .jsonl/.parquet")
-p.add_argument("--eval-data", default=None, help="evaluation set (default: the test split of --data)")
-p.add_argument("--prompt-style", default=None, choices=list(data.STYLES), help="default: the dataset's")
+p.add_argument("--model", default=None, help="local HF folder or Hub id (recipe)")
+p.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model (its commit is recorded)")
+p.add_argument("--data", default=None, help="training set: a name known to data/ or a local .jsonl/.parquet (recipe)")
+p.add_argument("--eval-data", default=None, help="evaluation set (default: the task test set, or test.* beside --data)")
+p.add_argument("--prompt-style", default=None, choices=list(data.STYLES), help="default: the recipe's, else the data's")
+p.add_argument("--system-prompt", default=None, help="the system turn (default: the style's or the chat template's)")
+p.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
+               help="Qwen3's chat-template switch, in training and evaluation (default: the template's)")  # fmt: skip
 p.add_argument("--device", default=None, help="cuda | cpu (default: cuda; on a machine without one, say --device cpu)")
 p.add_argument(
     "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU"
@@ -83,43 +114,39 @@ p.add_argument("--r", type=int, default=2, help="rank of the frozen SVD (and of 
 p.add_argument("--u", type=int, default=1, help="length of each trainable vector v")
 p.add_argument("--tie", type=int, default=None, help="modules sharing one v (default: 16 for tinylora, else 1)")
 p.add_argument("--order", default="tiled", choices=tinylora.ORDERS, help="which modules share a v")
-p.add_argument("--variant", default="paper", choices=tinylora.VARIANTS, help="see tinylora.py choice 8")
-p.add_argument("--v-dtype", default="fp32", choices=list(tinylora.DTYPES), help="v's storage in the saved file")
+p.add_argument("--variant", default="paper", choices=tinylora.VARIANTS, help="see tinylora.py choice 7")
+p.add_argument("--v-dtype", default="fp32", choices=list(tinylora.DTYPES), help="v's storage (file and evaluation)")
 p.add_argument("--alpha", type=float, default=None, help="LoRA scale (method lora only)")
 # algorithm
 p.add_argument("--algo", default="grpo", choices=["grpo", "sft"], help="sft: next-token loss on reference solutions")
-p.add_argument("--G", type=int, default=4, help="completions per prompt (group size)")
-p.add_argument("--prompts-per-step", type=int, default=64, help="prompts per step (one batch of rollouts)")
+p.add_argument("--G", type=int, default=None, help="completions per prompt, the group size (recipe)")
+p.add_argument("--prompts-per-step", type=int, default=None, help="prompts per step, one batch of rollouts (recipe)")
 p.add_argument("--epochs", type=float, default=3, help="passes over the training set")
-p.add_argument(
-    "--max-prompt-tokens", type=int, default=0, help="drop training prompts longer than this (0: keep all; the "
-    "official GSM8K run used 512)"
-)  # fmt: skip
-p.add_argument("--max-new-tokens", type=int, default=4096, help="completion length cap while sampling")
+p.add_argument("--max-prompt-tokens", type=int, default=None, help="drop longer training prompts (0: keep all; recipe)")
+p.add_argument("--max-new-tokens", type=int, default=None, help="completion length cap (default: the task's)")
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the loss uses it too)")
 p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
 p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
-p.add_argument("--reward", default="strict", choices=data.KINDS, help="strict: the number after ####")
-p.add_argument("--kl", type=float, default=0.0, help="beta, weight of the k3 KL to the base (adapter off)")
+p.add_argument("--reward", default=None, choices=data.KINDS, help="GSM8K grader; MATH always grades the box (recipe)")
+p.add_argument("--kl", type=float, default=None, help="beta, weight of the k3 KL to the base, adapter off (recipe)")
+p.add_argument("--entropy-coef", type=float, default=None, help="entropy bonus weight (grpo.py choice 8; recipe)")
 p.add_argument("--eps-low", type=float, default=0.2, help="clip ratio below 1 - eps_low")
-p.add_argument("--eps-high", type=float, default=0.2, help="clip ratio above 1 + eps_high (DAPO: 0.28)")
+p.add_argument("--eps-high", type=float, default=None, help="clip ratio above 1 + eps_high (recipe)")
 p.add_argument("--agg", default="token-mean", choices=grpo.AGGS, help="loss aggregation")
 p.add_argument("--no-std", action="store_true", help="Dr. GRPO: do not divide advantages by the group std")
 p.add_argument("--tis-cap", type=float, default=2.0, help="truncated importance sampling cap (0: off)")
-p.add_argument("--mini-batches", type=int, default=1, help="updates a step, each on 1/K of its groups (choice 4)")
-p.add_argument("--mu", type=int, default=1, help="updates on each mini-batch (1: on-policy; choice 4)")
+p.add_argument("--mini-batches", type=int, default=None, help="updates a step, each on 1/K of its groups (recipe)")
+p.add_argument("--mu", type=int, default=1, help="updates on each mini-batch (choice 6)")
 # optimisation
-p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (choice 2)")
-p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (choice 3; recipe)")
+p.add_argument("--warmup", type=float, default=None, help="linear warm-up from 0, share of the batches (recipe)")
+p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
 p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
 p.add_argument("--micro-batch", type=int, default=16, help="max rollouts per forward/backward (memory, not math)")
 p.add_argument(
-    "--micro-batch-tokens",
-    type=int,
-    default=0,
-    help="max padded tokens per forward/backward, rows sorted by length (0: off; --micro-batch still caps the rows "
-    "unless it is 0; grpo.py choice 3)",
-)
+    "--micro-batch-tokens", type=int, default=0, help="max padded tokens per forward/backward, rows sorted by length "
+    "(0: off; --micro-batch still caps the rows unless it is 0; grpo.py choice 3)"
+)  # fmt: skip
 p.add_argument("--chunk", type=int, default=4096, help="tokens per lm_head chunk in the loss")
 p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
 p.add_argument("--sample-mode", default="auto", choices=sample.MODES, help="see sample.py")
@@ -133,43 +160,38 @@ p.add_argument("--eval-batch-size", type=int, default=64, help="prompts per eval
 p.add_argument("--eval-max-new-tokens", type=int, default=0, help="0: --max-new-tokens")
 p.add_argument("--save-every", type=int, default=10, help="steps between checkpoints")
 p.add_argument("--log-samples", type=int, default=2, help="completions per step written to metrics.jsonl")
+p.add_argument("--report-to", default=None, help="wandb, tensorboard or both (report.py): views of metrics.jsonl")
 p.add_argument("--out", default=None, help="run folder (default: runs/<method>-u<u>-tie<tie>-<time>)")
 p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run with its saved settings")
-# data parallel (torchrun --nproc-per-node N train.py ...; choices 9, 10)
+# data parallel (torchrun --nproc-per-node N train.py ...; choice 13)
 p.add_argument(
-    "--sample-batch",
-    type=int,
-    default=0,
-    help="prompts per sampling call (0: a rank's whole share); the run is "
-    "the same on N ranks when prompts-per-step / N is a multiple of it (choice 10); also bounds the KV cache",
-)
+    "--sample-batch", type=int, default=0, help="prompts per sampling call (0: a rank's whole share); the run is the "
+    "same on N ranks when prompts-per-step / N is a multiple of it (choice 13); also bounds the KV cache"
+)  # fmt: skip
 p.add_argument("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others before failing")
 
-# flags that may differ between a run and its resumption; everything else must match
-RESUMABLE = {"resume", "out", "max_steps", "save_every", "eval_every", "log_samples", "device", "eval_batch_size"}
-RESUMABLE |= {"dist_timeout", "no_eval"}
+
+def with_recipe(args):
+    """The recipe's value for every flag left unset (choice 1)."""
+    for k, v in RECIPES[args.recipe].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
 
 
 def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume is None:
-        return args
-    # resuming: the run's saved args, overridden only by flags given now, which must not change the run
-    path = os.path.join(args.resume, "args.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"--resume {args.resume}: no args.json there; is it a run folder made by train.py?")
-    saved = vars(p.parse_args([])) | json.load(open(path))  # a run saved before a flag existed gets its default
+        return with_recipe(args)
+    # resuming: the run's args.json (a flag it predates takes its recipe's default; runs.py choice 2)
     given = {k: v for k, v in vars(args).items() if v != p.get_default(k)}
-    clash = {k: (saved.get(k), v) for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v}
-    if clash:
-        what = ", ".join(f"--{k.replace('_', '-')} {new} (the run has {old})" for k, (old, new) in clash.items())
-        raise SystemExit(
-            f"--resume {args.resume}: this run was made with different settings: {what}. "
-            "Drop those flags to continue it, or start a new run with another --out."
-        )
-    merged = {**saved, **{k: v for k, v in given.items() if k in RESUMABLE}}
-    merged["resume"], merged["out"] = args.resume, args.resume
-    return argparse.Namespace(**merged)
+    return runs.resumed_args(args, saved_defaults, given)
+
+
+def saved_defaults(saved: dict) -> dict:
+    """Every flag's default for a saved run: its recipe's; a run made before recipes existed had a constant lr."""
+    old = {} if "recipe" in saved else {"warmup": 0.0}
+    return vars(with_recipe(p.parse_args(["--recipe", saved.get("recipe", "gsm8k")]))) | old
 
 
 # -----------------------------------------------------------------------------
@@ -186,25 +208,20 @@ OFFLINE_HELP = (
 
 
 def model_config(args):
-    """(local folder or None, Config) for --model without loading weights; fails fast offline."""
+    """(local folder or None, Config, Hub commit or None) for --model without loading weights; fails fast offline.
+    A resumed run reads the commit it recorded."""
     from model import load_config
 
     if os.path.isdir(args.model):
-        return args.model, load_config(args.model)
-    if os.path.exists(args.model) or args.model.startswith((".", "/", "~")) or args.model.count("/") != 1:
+        return args.model, load_config(args.model), None
+    if not hub.is_hub_id(args.model):
         raise SystemExit(f"--model {args.model}: no such folder (and not a Hub id like Qwen/Qwen2.5-7B-Instruct).")
-    offline = not hub_reachable()
-    if offline:  # use the local Hub cache if the model is there; never wait on the network
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    from huggingface_hub import hf_hub_download
-
-    try:
-        cfg_path = hf_hub_download(args.model, "config.json", local_files_only=offline)
-    except Exception as e:
-        raise SystemExit(
-            f"--model {args.model}: cannot fetch it from the Hub ({type(e).__name__}).\n{OFFLINE_HELP}"
-        ) from None
-    return None, load_config(os.path.dirname(cfg_path))
+    revision = (getattr(args, "sources", None) or {}).get("model", {}).get("sha") or args.revision
+    try:  # config.json alone; the local cache when offline, never a wait on the network
+        cfg, sha = hub.read_hub_config(args.model, revision)
+    except hub.HubError as e:
+        raise SystemExit(f"--model {args.model}: {e}\n{OFFLINE_HELP}") from None
+    return None, cfg, sha
 
 
 POSITIVE = ("r", "u", "tie", "G", "prompts_per_step", "max_new_tokens", "chunk", "mu", "mini_batches")
@@ -213,8 +230,8 @@ POSITIVE = ("r", "u", "tie", "G", "prompts_per_step", "max_new_tokens", "chunk",
 def check_args(args, stamp=None, world=1):
     if args.tie is None:  # the paper's 13 parameters on Qwen2.5-7B for TinyLoRA; no sharing for the baselines
         args.tie = 16 if args.method == "tinylora" else 1
-    for name in POSITIVE:
-        if getattr(args, name) <= 0:
+    for name in POSITIVE:  # max_new_tokens None: the task's, once the data is known
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
     if args.micro_batch < 0 or args.micro_batch_tokens < 0 or not (args.micro_batch or args.micro_batch_tokens):
         raise SystemExit("--micro-batch (rows) and --micro-batch-tokens (padded tokens) must be >= 0, one of them > 0.")
@@ -229,11 +246,14 @@ def check_args(args, stamp=None, world=1):
         raise SystemExit("--G must be at least 2 for GRPO: advantages compare completions within a group.")
     if args.temperature <= 0:
         raise SystemExit("--temperature must be > 0 for training (the loss needs a sampling distribution).")
-    if args.epochs <= 0 or args.lr <= 0:
-        raise SystemExit("--epochs and --lr must be positive.")
+    if args.epochs <= 0 or args.lr <= 0 or not 0 <= args.warmup < 1 or args.entropy_coef < 0:
+        raise SystemExit("--epochs and --lr must be positive, --warmup in [0, 1), --entropy-coef >= 0.")
+    kinds = [k.strip().lower() for k in (args.report_to or "").split(",") if k.strip()]
+    if any(k not in (*report.KINDS, "none") for k in kinds):
+        raise SystemExit(f"--report-to {args.report_to}: use wandb, tensorboard or both (wandb,tensorboard).")
     if args.device is None and not torch.cuda.is_available():
         raise SystemExit(f"No CUDA GPU found. The default setup (a 7B model) needs one.\n{OFFLINE_HELP}")
-    path, cfg = model_config(args)
+    path, cfg, sha = model_config(args)
     n_modules = cfg.num_hidden_layers * 7
     if args.method in ("lora", "full") and args.tie != 1:
         raise SystemExit(f"--tie shares v between modules; --method {args.method} has no v, so drop --tie.")
@@ -257,45 +277,71 @@ def check_args(args, stamp=None, world=1):
     if args.resume is None and os.path.exists(os.path.join(out, "state.pt")):
         raise SystemExit(f"--out {out} already holds a run; continue it with --resume {out} or pick another --out.")
     args.out = out
-    return path, cfg
+    return path, cfg, sha
 
 
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=ROOT, capture_output=True, text=True)
-        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def eval_source(args) -> tuple[str, str]:
+    """(dataset or file, split) to evaluate on (choice 12): --eval-data, a named set's test set (math_train ->
+    math500), a folder's test file, or the test file beside a local training file. Never the training file itself."""
+    if args.eval_data:
+        return args.eval_data, "test"
+    if args.data in data.DATASETS or os.path.isdir(args.data):
+        return data.default_eval_set(args.data)
+    folder = os.path.dirname(os.path.abspath(args.data))
+    for ext in (".jsonl", ".json", ".parquet"):
+        sibling = os.path.join(folder, "test" + ext)
+        if os.path.isfile(sibling) and not os.path.samefile(sibling, args.data):
+            return sibling, "test"
+    raise SystemExit(
+        f"--data {args.data}: there is no test.jsonl/.json/.parquet beside it, so the run would evaluate on its own "
+        "training file. Add --eval-data FILE (a held-out set), or --no-eval."
+    )
 
 
 def load_data(args, tok):
-    """(training set, evaluation set or None, number of steps), or a SystemExit that says what to pass instead."""
+    """(training set, evaluation set or None, steps of --epochs), or a SystemExit that says what to pass instead."""
     try:
-        train = data.load_dataset(args.data, split="train")
+        train = data.load_dataset(args.data, split="train", style=args.prompt_style)
         evalset = None
         if not args.no_eval:
-            evalset = data.load_dataset(args.eval_data or args.data, split="test", limit=args.eval_limit or None)
-    except (ValueError, FileNotFoundError) as e:
+            name, split = eval_source(args)
+            evalset = data.load_dataset(name, split=split, limit=args.eval_limit or None, style=args.prompt_style)
+    except (ValueError, FileNotFoundError, hub.HubError) as e:
         raise SystemExit(f"--data/--eval-data: {e}\nKnown: {DATASETS_HINT}.\n{OFFLINE_HELP}") from None
-    if args.max_prompt_tokens:  # choice 6: dropped, never cut; the evaluation set stays whole
+    args.max_new_tokens = args.max_new_tokens or data.response_tokens(train)  # the task's (choice 9)
+    if args.max_prompt_tokens:  # choice 9: dropped, never cut; the evaluation set stays whole
         n, N = len(train), args.max_prompt_tokens
-        train = [ex for ex in train if len(tok.apply_chat_template(data.build_messages(ex, args.prompt_style))) <= N]
+        train = [ex for ex in train if len(prompt_ids(args, tok, ex)) <= N]
         print(f"--max-prompt-tokens {N}: dropped {n - len(train):,} of {n:,} training prompts longer than that")
     B = args.prompts_per_step
     if len(train) < B:
         why = " after --max-prompt-tokens" if args.max_prompt_tokens else ""
         raise SystemExit(f"--prompts-per-step {B} is larger than the training set ({len(train)} examples{why}).")
-    total = math.floor(args.epochs * (len(train) // B))
-    return train, evalset, min(total, args.max_steps) if args.max_steps else total
+    path = data.load.hub_file(args.data, "train") if args.data in data.DATASETS else args.data
+    args.sources = {"data": hub.source_record(args.data, None, path)}  # the model's is added once it is loaded
+    return train, evalset, math.floor(args.epochs * (len(train) // B))
+
+
+def template_vars(args) -> dict:
+    return {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking}
+
+
+def prompt_ids(args, tok, ex) -> list[int]:
+    """An example's prompt tokens: its stamped style, --system-prompt, the model's chat template."""
+    return tok.apply_chat_template(data.build_messages(ex, system=args.system_prompt), **template_vars(args))
+
+
+def lr_at(step: int, lr: float, warmup: int) -> float:
+    """The learning rate of batch `step` (choice 4): lr * step / warmup for the first `warmup` batches, then lr."""
+    return lr * step / warmup if step < warmup else lr
 
 
 # -----------------------------------------------------------------------------
-# small helpers: data order, seeds, files
+# small helpers: data order, seeds, rollouts
 
 
 def step_examples(train, step, B, seed):
-    """The B examples of a step: a per-epoch permutation (choice 6), so the data position is the step."""
+    """The B examples of a step: a per-epoch permutation (choice 11), so the data position is the step."""
     spe = len(train) // B
     epoch, i = divmod(step, spe)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
@@ -303,7 +349,7 @@ def step_examples(train, step, B, seed):
 
 
 def sample_seed(seed, step, first):
-    """The generator seed of a sampling call that starts at prompt `first` of `step` (choice 10): a hash, so
+    """The generator seed of a sampling call that starts at prompt `first` of `step` (choice 13): a hash, so
     neighbouring (step, first) pairs get unrelated streams."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{first}".encode()).digest()[:8], "little") >> 1
 
@@ -332,39 +378,8 @@ def reference_completions(batch, tok, device):
     return tokens, mask
 
 
-def write_atomic(obj, path, save=torch.save):
-    tmp = path + ".tmp"
-    save(obj, tmp)
-    os.replace(tmp, path)  # choice 7: a reader (or a resume) sees the old file or the new one, never half of one
-
-
-def write_text(text, path):
-    write_atomic(text, path, lambda s, f: open(f, "w", encoding="utf-8").write(s))
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-
-
-def rng_state(gen):
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "sampler": gen.get_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st, gen):
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    gen.set_state(st["sampler"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 # -----------------------------------------------------------------------------
-# one training step: rollouts -> the list of updates it makes (choices 4, 5); main applies them
+# one training step: rollouts -> the list of updates it makes (choices 6, 7); main applies them
 
 
 def mini_batch_rows(n_prompts, G, K):
@@ -392,20 +407,20 @@ def reduce_stats(s):
 
 
 def grpo_updates(args, model, adapter, ro, adv, pad_id):
-    """The updates of one GRPO step, in order: --mini-batches K slices of whole groups, each --mu times (choice 4).
+    """The updates of one GRPO step, in order: --mini-batches K slices of whole groups, each --mu times (choice 6).
     Returns (updates, stats): zero-argument functions that each put one update's gradient into .grad, and a list
     that holds, per mini-batch, grpo_backward's sums from its latest update (what the step logs)."""
     K = args.mini_batches
     rows = mini_batch_rows(len(ro.prompts) // args.G, args.G, K)
     n_tokens = [int(x) for x in parallel.all_sum([float(ro.mask[idx].sum()) for idx in rows])]  # global counts
-    n_seqs = args.prompts_per_step * args.G // K  # rows of one mini-batch over all ranks (choice 9)
+    n_seqs = args.prompts_per_step * args.G // K  # rows of one mini-batch over all ranks (choice 13)
     kw = dict(pad_id=pad_id, micro_batch=args.micro_batch, micro_batch_tokens=args.micro_batch_tokens)
     kw |= dict(chunk=args.chunk, temperature=args.temperature)
     old = None  # on-policy: grpo.py takes pi_old = the current policy, detached, without a second forward
-    if K * args.mu > 1:  # choice 5: pi_old of every update is the policy before the first, computed now
+    if K * args.mu > 1:  # choice 7: pi_old of every update is the policy before the first, computed now
         old = grpo.old_logprobs(model, ro.prompts, ro.tokens, ro.mask, **kw)
     kw |= dict(eps_low=args.eps_low, eps_high=args.eps_high, agg=args.agg, norm=args.max_new_tokens, beta=args.kl)
-    kw |= dict(tis_cap=args.tis_cap or None, n_seqs=n_seqs)
+    kw |= dict(tis_cap=args.tis_cap or None, n_seqs=n_seqs, entropy_coef=args.entropy_coef)
     stats = [None] * K
 
     def update(k):
@@ -422,7 +437,7 @@ def grpo_step(args, model, adapter, tok, gen, batch, prompts, step, first):
     """A GRPO step up to its updates: sample G completions per prompt, grade each once, group advantages.
     Returns (updates, log): the updates for main to apply, and log() -> the step's metrics once they ran."""
     t0 = time.time()
-    # 1) sample with the current adapter, --sample-batch prompts per call, each call seeded by its position (10)
+    # 1) sample with the current adapter, --sample-batch prompts per call, each call seeded by its position (13)
     model.eval()
     K, parts = args.sample_batch or len(prompts), []
     for i in range(0, len(prompts), K):
@@ -436,21 +451,21 @@ def grpo_step(args, model, adapter, tok, gen, batch, prompts, step, first):
         )  # fmt: skip
     ro = cat_rollouts(parts, tok.pad_id)
     t1 = time.time()
-    # 2) grade each completion once: the reward and the logged strict / flexible come from the same grade
+    # 2) grade each completion once: the reward and the logged strict / flexible / official come from one grade
     texts = [tok.decode(row[m].tolist()) for row, m in zip(ro.tokens, ro.mask)]
     exs = [batch[i // args.G] for i in range(len(texts))]  # prompt-major rows
     grades = data.grade_many(exs, texts)
     rewards = torch.tensor([float(g.get(args.reward, g["correct"])) for g in grades])  # as data.reward: MATH: correct
     adv = grpo.group_advantages(rewards, args.G, std=not args.no_std).to(ro.tokens.device)
     t2 = time.time()
-    # 3) the updates (choices 4, 5); main applies them
+    # 3) the updates (choices 6, 7); main applies them
     updates, stats = grpo_updates(args, model, adapter, ro, adv, tok.pad_id)
 
     def log():
         m = grpo_metrics(reduce_stats(merge_stats(stats)), ro, grades, rewards, args.G)
         m["n_tokens"] = int(parallel.all_sum([float(ro.mask.sum())])[0])  # the global batch's
-        keys = ("reward", "strict", "flexible", "zero_var", "length", "truncated")  # ranks have equal shares,
-        m |= dict(zip(keys, parallel.all_mean([m[k] for k in keys])))  # so the global mean is the mean of means
+        keys = ("reward", "strict", "flexible", "official", "zero_var", "length", "truncated")  # equal shares, so
+        m |= dict(zip(keys, parallel.all_mean([m[k] for k in keys])))  # the global mean is the mean of means
         m["samples"] = [
             {"question": exs[i]["question"], "completion": texts[i], "reward": float(rewards[i])}
             for i in range(min(args.log_samples, len(texts)))
@@ -479,9 +494,9 @@ def sft_step(args, model, tok, batch, prompts):
         )
 
     def log():
-        loss = parallel.all_sum([sum(losses) / len(losses)])[0]
-        m = {"loss": loss, "reward": float("nan"), "strict": float("nan"), "flexible": float("nan")}
-        m |= {"zero_var": float("nan"), "length": sum(n_tokens) / args.prompts_per_step, "clip": 0.0, "kl": 0.0}
+        loss, nan = parallel.all_sum([sum(losses) / len(losses)])[0], float("nan")
+        m = {"loss": loss, "reward": nan, "strict": nan, "flexible": nan, "official": nan, "zero_var": nan}
+        m |= {"length": sum(n_tokens) / args.prompts_per_step, "clip": 0.0, "kl": 0.0}
         m |= {"w_mean": 1.0, "w_min": 1.0, "w_max": 1.0, "mismatch": 0.0, "n_tokens": sum(n_tokens)}
         return m | {"samples": [], "t_sample": t1 - t0, "t_grade": 0.0, "tok_per_s": 0.0}
 
@@ -492,10 +507,11 @@ def grpo_metrics(s, ro, grades, rewards, G):
     """The per-step log from grpo_backward's sums and the graded rollouts."""
     groups, n = rewards.view(-1, G), max(s["tokens"], 1.0)
     m = {"loss": s["loss"], "reward": float(rewards.mean())}
-    m |= {"strict": sum(g.get("strict", g["correct"]) for g in grades) / len(grades)}
-    m |= {"flexible": sum(g.get("flexible", g["correct"]) for g in grades) / len(grades)}
+    for kind in data.KINDS:  # choice 10: every GSM8K grader, whichever is the reward (MATH: the boxed grade)
+        m[kind] = sum(g.get(kind, g["correct"]) for g in grades) / len(grades)
     m |= {"zero_var": float((groups.max(1).values == groups.min(1).values).float().mean())}  # no signal there
     m |= {"length": float(ro.mask.sum(1).float().mean()), "clip": s["clipped"] / n, "kl": s["kl"] / n}
+    m |= {"entropy": s["entropy"] / n} if "entropy" in s else {}
     m |= {"w_mean": s["w_sum"] / n, "w_min": s["w_min"], "w_max": s["w_max"]}
     m |= {"mismatch": s["mismatch_sum"] / n, "mismatch_max": s["mismatch_max"]}
     m |= {"truncated": sum(f == "length" for f in ro.finish) / len(ro.finish)}
@@ -505,81 +521,61 @@ def grpo_metrics(s, ro, grades, rewards, G):
 def fmt_step(step, total, m):
     v = f" | v {m['v']}" if "v" in m else ""
     return (
-        f"step {step}/{total} | reward {m['reward']:.3f} | strict {m['strict']:.3f} flex {m['flexible']:.3f} "
-        f"| zero-var {m['zero_var']:.2f} | len {m['length']:.0f} | clip {m['clip']:.3f} | kl {m['kl']:.2e} "
-        f"| w {m['w_mean']:.3f} [{m['w_min']:.3f}, {m['w_max']:.3f}] | mismatch {m['mismatch']:.1e} "
-        f"| gnorm {m['grad_norm']:.2e}{v} | {m['t_step']:.1f}s (sample {m['t_sample']:.1f} grade "
-        f"{m['t_grade']:.2f} train {m['t_train']:.1f}) | {m['tok_per_s']:.0f} tok/s"
+        f"step {step}/{total} | lr {m['lr']:.1e} | reward {m['reward']:.3f} | strict {m['strict']:.3f} flex "
+        f"{m['flexible']:.3f} official {m['official']:.3f} | zero-var {m['zero_var']:.2f} | len {m['length']:.0f} "
+        f"| clip {m['clip']:.3f} | kl {m['kl']:.2e} | w {m['w_mean']:.3f} [{m['w_min']:.3f}, {m['w_max']:.3f}] "
+        f"| mismatch {m['mismatch']:.1e} | gnorm {m['grad_norm']:.2e}{v} | {m['t_step']:.1f}s (sample "
+        f"{m['t_sample']:.1f} grade {m['t_grade']:.2f} train {m['t_train']:.1f}) | {m['tok_per_s']:.0f} tok/s"
     )
 
 
 # -----------------------------------------------------------------------------
-# the run folder: checkpoints (choice 7) and evaluations (choice 8)
+# evaluation (choice 12) and the adapter's count
 
 
-def save_checkpoint(args, step, adapter, opt, gen, train):
-    """adapter.safetensors (the file users load) and state.pt (what --resume needs), each written atomically."""
-    adapter.save(os.path.join(args.out, "adapter.safetensors"), dtype=args.v_dtype, step=step, model=args.model)
-    state = {"step": step, "args": vars(args), "params": [t.detach().cpu() for t in adapter.params]}
-    state |= {"opt": opt.state_dict(), "rng": rng_state(gen)}
-    state["data"] = step_examples(train, step, args.prompts_per_step, args.seed)[1]
-    write_atomic(state, os.path.join(args.out, "state.pt"))
-
-
-def new_run(args, rank, n, nbytes, total, world) -> int:
-    """A fresh run folder: args.json and the first line of metrics.jsonl (settings, git revision, counts). -> 0"""
-    if rank == 0:
-        json.dump(vars(args), open(os.path.join(args.out, "args.json"), "w"), indent=1)
-        head = {"event": "start", "step": 0, "args": vars(args), "git": git_revision(), "trainable": n}
-        append_jsonl(
-            os.path.join(args.out, "metrics.jsonl"), head | {"update_bytes": nbytes, "steps": total, "world": world}
-        )
-    return 0
-
-
-def checkpoint(args, step, adapter, opt, gen, train, rank):
-    if rank == 0:
-        save_checkpoint(args, step, adapter, opt, gen, train)
-    parallel.barrier("checkpoint barrier")  # no rank runs ahead of a half-written checkpoint
-
-
-def load_checkpoint(args, adapter, opt, gen, rank) -> int:
-    """Restore v, the optimizer and every RNG from state.pt; drop the log lines of steps after it. -> its step."""
-    st = torch.load(os.path.join(args.out, "state.pt"), map_location="cpu", weights_only=False)
+@contextlib.contextmanager
+def stored_precision(adapter, v_dtype: str):
+    """The trained tensors rounded to their storage dtype inside the block, then restored exactly (choice 12): an
+    evaluation sees the update a user of the saved file gets; training continues from the fp32 values."""
+    dt = tinylora.DTYPES[v_dtype]
+    kept = [(t, t.detach().clone()) for t in adapter.params if t.dtype != dt and dt != torch.float32]
     with torch.no_grad():
-        for t, saved in zip(adapter.params, st["params"]):
-            t.copy_(saved)
-    opt.load_state_dict(st["opt"])
-    set_rng_state(st["rng"], gen)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    kept = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= st["step"]]  # those run again
-    if rank == 0:  # every rank loaded the same checkpoint; one writes the run folder
-        write_text("".join(kept), metrics_path)
-    return st["step"]
+        for t, _ in kept:
+            t.copy_(t.to(dt))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, x in kept:
+                t.copy_(x)
 
 
-def evaluate(args, model, tok, evalset, step, rank):
-    """Greedy evaluation, sharded over ranks (choice 9); rank 0 writes eval/stepNNNNNN.jsonl and logs the summary."""
+def evaluate(args, model, adapter, tok, evalset, step, rank, rep):
+    """Greedy evaluation with v as stored, sharded over ranks (choices 12, 13); rank 0 writes
+    eval/stepNNNNNN.jsonl and logs the summary."""
     if args.no_eval:
         return
     t0 = time.time()
     path = os.path.join(args.out, "eval", f"step{step:06d}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     part = f"{path}.part{os.getpid()}"  # this rank's share, gathered below in the dataset's order
-    evaluation.evaluate(
-        model, tok, parallel.shard(evalset), batch_size=args.eval_batch_size, out_path=part, reward=args.reward,
-        max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, style=args.prompt_style, progress=rank == 0,
-    )  # fmt: skip
+    with stored_precision(adapter, args.v_dtype):
+        evaluation.evaluate(
+            model, tok, parallel.shard(evalset), batch_size=args.eval_batch_size, out_path=part, reward=args.reward,
+            max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, system=args.system_prompt,
+            template_vars=template_vars(args), progress=rank == 0,
+        )  # fmt: skip
     rows = [json.loads(line) for line in open(part, encoding="utf-8")]
     os.remove(part)
     rows = parallel.gather(rows, len(evalset))  # None on ranks other than 0
     if rows is None:
         return
-    write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), path)
+    runs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), path)
     res = {k: v for k, v in evaluation.summarize(rows, args.reward).items() if isinstance(v, (int, float, str, bool))}
-    append_jsonl(
+    runs.append_jsonl(
         os.path.join(args.out, "metrics.jsonl"), {"event": "eval", "step": step, "t_eval": time.time() - t0} | res
     )
+    rep.log(step, res, prefix="eval/")
     shown = [f"{k} {res[k]:.3f} [{res[k + '_lo']:.3f}, {res[k + '_hi']:.3f}]" for k in EVAL_KEYS if k in res]
     tqdm.write(f"eval step {step} (n={res.get('n')}, {time.time() - t0:.0f}s): " + " | ".join(shown))
 
@@ -606,16 +602,17 @@ def show_adapter(args, cfg, model, adapter):
 def main(argv=None):
     # ---- args (and checks before anything slow)
     args = parse_args(argv)
-    rank, world, local = parallel.init(args)  # choice 9: (0, 1, 0) without torchrun
-    path, cfg = check_args(args, stamp=parallel.same_on_all_ranks(time.strftime("%Y%m%d-%H%M%S")), world=world)
+    rank, world, local = parallel.init(args)  # choice 13: (0, 1, 0) without torchrun
+    path, cfg, sha = check_args(args, stamp=parallel.same_on_all_ranks(time.strftime("%Y%m%d-%H%M%S")), world=world)
     from model import Tokenizer, load_model
 
     # ---- data (before the model: an unknown dataset fails in seconds)
-    tok = Tokenizer(path or args.model)
-    train, evalset, total = load_data(args, tok)
-    B = args.prompts_per_step
-    print(f"run {args.out}: {args.algo} on {args.data}, {len(train):,} prompts, {total} steps of {B} x G {args.G}, "
-          f"lr {args.lr:g}; every setting in {os.path.join(args.out, 'args.json')}")  # fmt: skip
+    tok = Tokenizer(path or args.model, revision=sha)  # the commit config.json came from
+    train, evalset, epoch_steps = load_data(args, tok)
+    B, total = args.prompts_per_step, min(epoch_steps, args.max_steps or epoch_steps)
+    warmup = int(args.warmup * epoch_steps)  # choice 4: of the --epochs schedule, whatever --max-steps says
+    print(f"run {args.out}: {args.algo} on {args.data} ({args.recipe} recipe), {len(train):,} prompts, {total} steps "
+          f"of {B} x G {args.G}, lr {args.lr:g}; every setting in {os.path.join(args.out, 'args.json')}")  # fmt: skip
 
     # ---- model
     device = args.device or "cuda"
@@ -623,7 +620,8 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    model = load_model(path or args.model, dtype=dtype, device=device)
+    model = load_model(path or args.model, dtype=dtype, device=device, revision=sha)
+    args.sources["model"] = {"id": args.model, "revision": args.revision, "sha": sha}  # args.json, adapter file
     if args.grad_checkpointing:
         grpo.use_grad_checkpointing(model)
 
@@ -634,57 +632,69 @@ def main(argv=None):
     )  # fmt: skip
     n, nbytes = show_adapter(args, cfg, model, adapter)
     opt = torch.optim.AdamW(adapter.params, lr=args.lr, weight_decay=args.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(args.seed)  # re-seeded per sampling call (choice 10)
+    gen = torch.Generator(device=device).manual_seed(args.seed)  # re-seeded per sampling call (choice 13)
     if args.resume:
-        start = load_checkpoint(args, adapter, opt, gen, rank)
+        start = runs.load_checkpoint(args, adapter, opt, gen, rank)
         print(f"resumed {args.out} at step {start}/{total}")
     else:
-        start = new_run(args, rank, n, nbytes, total, world)
+        start = runs.new_run(args, rank, n, nbytes, total, world)
+    rep = report.open_reporter(args.report_to if rank == 0 else None, args.out, vars(args), os.path.basename(args.out),
+                               start_step=start)  # fmt: skip
     parallel.broadcast(adapter.params)  # every rank starts from rank 0's tensors (they agree already; to be sure)
     if start == 0:
-        evaluate(args, model, tok, evalset, 0, rank)
+        evaluate(args, model, adapter, tok, evalset, 0, rank, rep)
+
+    def checkpoint(step):
+        runs.checkpoint(args, step, adapter, opt, gen, rank, step_examples(train, step, B, args.seed)[1])
 
     # ---- the loop: batch -> rollouts and their updates -> optimiser steps -> log -> evaluate -> checkpoint
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True, disable=rank > 0)
     for step in bar:
         t0 = time.time()
-        first = rank * (B // world)  # choice 9: this rank's contiguous share; whole groups stay on one rank
+        first = rank * (B // world)  # choice 13: this rank's contiguous share; whole groups stay on one rank
         batch = step_examples(train, step, B, args.seed)[0][first : first + B // world]
-        prompts = [tok.apply_chat_template(data.build_messages(ex, args.prompt_style)) for ex in batch]
+        prompts = [prompt_ids(args, tok, ex) for ex in batch]
         if args.algo == "grpo":  # sample -> grade -> advantages
             updates, log = grpo_step(args, model, adapter, tok, gen, batch, prompts, step, first)
         else:
             updates, log = sft_step(args, model, tok, batch, prompts)
-        for backward in updates:  # choice 4: every optimiser step of every setting is these five lines
+        for g in opt.param_groups:  # choice 4: one learning rate per batch, for all of its updates
+            g["lr"] = lr_at(step, args.lr, warmup)
+        for backward in updates:  # choice 6: every optimiser step of every setting is these five lines
             opt.zero_grad(set_to_none=True)
             backward()  # this update's gradient into .grad, in micro-batches (grpo.py)
-            parallel.sync_grads(adapter.params)  # choice 9: summed over ranks, so every rank steps the same way
+            parallel.sync_grads(adapter.params)  # choice 13: summed over ranks, so every rank steps the same way
             gnorm = torch.nn.utils.clip_grad_norm_(adapter.params, args.grad_clip or float("inf"))
             opt.step()
         # log (rank 0's timings, the global batch's metrics, the gradient norm of the step's last update)
-        m = log() | {"grad_norm": float(gnorm), "t_step": time.time() - t0}
+        m = log() | {"grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"], "t_step": time.time() - t0}
         m["t_train"] = m["t_step"] - m["t_sample"] - m["t_grade"]
         if n <= 16:
             m["v"] = [round(x, 6) for t in adapter.params for x in t.detach().flatten().tolist()]
         if rank == 0:
             tqdm.write(fmt_step(step + 1, total, m))
             bar.set_postfix(reward=f"{m['reward']:.3f}")
-            append_jsonl(os.path.join(args.out, "metrics.jsonl"), {"event": "step", "step": step + 1} | m)
+            runs.append_jsonl(os.path.join(args.out, "metrics.jsonl"), {"event": "step", "step": step + 1} | m)
+            rep.log(step + 1, m)
         # evaluate, checkpoint (the last step's come after the loop)
         done = step + 1
         if args.eval_every and done % args.eval_every == 0 and done != total:
-            evaluate(args, model, tok, evalset, done, rank)
+            evaluate(args, model, adapter, tok, evalset, done, rank, rep)
         if done % args.save_every == 0 and done != total:
-            checkpoint(args, done, adapter, opt, gen, train, rank)
+            checkpoint(done)
     bar.close()
 
-    # ---- final eval and checkpoint
+    # ---- final eval, checkpoint and the PEFT copy (choice 14)
     if start < total:
-        evaluate(args, model, tok, evalset, total, rank)
-        checkpoint(args, total, adapter, opt, gen, train, rank)
+        evaluate(args, model, adapter, tok, evalset, total, rank, rep)
+        checkpoint(total)
+        if rank == 0 and args.method != "full":
+            with stored_precision(adapter, args.v_dtype):  # the update as the adapter file stores it
+                export.export_peft_lora(adapter, os.path.join(args.out, "peft"), base=args.model)
     else:
         print(f"nothing to do: the run is already at step {start}/{total}")
-    print(f"done: {args.out} (adapter.safetensors, metrics.jsonl; plot with `python plot.py {args.out}`)")
+    rep.close()
+    print(f"done: {args.out} (adapter.safetensors, peft/, metrics.jsonl; plot with `python plot.py {args.out}`)")
     parallel.close()
 
 

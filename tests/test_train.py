@@ -134,10 +134,13 @@ def same_runs(a, b):
         assert torch.equal(p, q)
 
 
+LONGER = ("--max-new-tokens", 16)  # 8 random tokens rarely hold the answer: no reward, no gradient, a weak test
+
+
 @pytest.fixture(scope="module")
 def reference_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    run(base_args(tiny, out, "--max-steps", 6, "--save-every", 2, "--eval-every", 3))
+    run(base_args(tiny, out, "--max-steps", 6, "--save-every", 2, "--eval-every", 3, *LONGER))
     params = trained_params(out)
     assert any(p.abs().sum() > 0 for p in params), "the reference run did not learn anything: the test would be weak"
     return out
@@ -145,7 +148,7 @@ def reference_run(tiny, tmp_path_factory):
 
 def test_resume_after_max_steps_matches_uninterrupted(tiny, tmp_path, reference_run):
     out = tmp_path / "run"
-    run(base_args(tiny, out, "--max-steps", 4, "--save-every", 2, "--eval-every", 3))
+    run(base_args(tiny, out, "--max-steps", 4, "--save-every", 2, "--eval-every", 3, *LONGER))
     run(["--resume", out, "--max-steps", 6])
     same_runs(reference_run, out)
 
@@ -154,7 +157,7 @@ def test_resume_after_max_steps_matches_uninterrupted(tiny, tmp_path, reference_
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tiny, tmp_path, reference_run):
     out = tmp_path / "run"
     argv = [sys.executable, "train.py"] + [
-        str(a) for a in base_args(tiny, out, "--max-steps", 6, "--save-every", 2, "--eval-every", 3)
+        str(a) for a in base_args(tiny, out, "--max-steps", 6, "--save-every", 2, "--eval-every", 3, *LONGER)
     ]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -235,12 +238,11 @@ def test_no_gpu_fails_fast_with_instructions(no_model_load):
 
 
 def test_offline_hub_model_fails_fast(tmp_path, no_model_load, monkeypatch):
-    import train
+    import hub
 
-    monkeypatch.setattr(train, "hub_reachable", lambda timeout=3.0: False)  # as on a machine without internet
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # train.py sets it; restore it afterwards
+    monkeypatch.setattr(hub, "hub_unreachable", lambda timeout=3.0: "no network")  # as on a machine without internet
     t = time.time()
-    with pytest.raises(SystemExit, match="cannot fetch it from the Hub") as e:
+    with pytest.raises(SystemExit, match="could not download 'Qwen/Qwen2.5-7B-Instruct/config.json': no network") as e:
         run(["--device", "cpu", "--u", 1, "--tie", 196, "--out", tmp_path / "run"])
     assert "--model DIR" in str(e.value) and "--device cpu" in str(e.value)
     assert time.time() - t < 30
@@ -250,7 +252,7 @@ def test_off_policy_kl_and_other_loss_flags(tiny, tmp_path):
     """mu = 2 updates per batch (explicit pi_old), the k3 KL, seq-mean, Dr. GRPO, checkpointing, bf16 storage."""
     out = tmp_path / "run"
     flags = ["--mu", 2, "--kl", 0.1, "--agg", "seq-mean", "--no-std", "--grad-checkpointing", "--v-dtype", "bf16"]
-    run(base_args(tiny, out, "--max-steps", 4, "--eval-limit", 1, *flags))
+    run(base_args(tiny, out, "--max-steps", 4, "--eval-limit", 1, *flags, *LONGER))
     steps = records(out)
     assert len(steps) == 4 and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in steps)
     # v moves at the first step whose rewards differ within a group (its second update sees the moved v) and keeps
@@ -282,7 +284,7 @@ def schedule_setup(tiny, *flags):
         s_lp = plain_logprobs(model, prompts, tokens, mask) + 0.1 * torch.randn(tokens.shape)
     ro = SimpleNamespace(prompts=prompts, tokens=tokens, mask=mask, logp=s_lp)
     adv = torch.randn(8, generator=torch.Generator().manual_seed(3))
-    args = train.p.parse_args([str(a) for a in ("--G", 2, "--prompts-per-step", 4, "--micro-batch", 3, *flags)])
+    args = train.parse_args([str(a) for a in ("--G", 2, "--prompts-per-step", 4, "--micro-batch", 3, *flags)])
     return model, adapter, ro, adv, args
 
 
@@ -300,12 +302,12 @@ def record_backward_calls(monkeypatch):
 
 
 def test_one_mini_batch_one_update_is_the_plain_on_policy_backward(tiny, monkeypatch):
-    """K = 1, mu = 1 (the default) is one grpo_backward over all rows, on-policy, normalised by the batch's counts:
-    bit for bit the gradient of calling grpo.py directly."""
+    """K = 1, mu = 1 (the MATH recipe's) is one grpo_backward over all rows, on-policy, normalised by the batch's
+    counts: bit for bit the gradient of calling grpo.py directly."""
     import grpo
     import train
 
-    model, adapter, ro, adv, args = schedule_setup(tiny)
+    model, adapter, ro, adv, args = schedule_setup(tiny, "--mini-batches", 1, "--eps-high", 0.2)
     updates, stats = train.grpo_updates(args, model, adapter, ro, adv, pad_id=0)
     assert len(updates) == 1
     updates[0]()
