@@ -99,6 +99,7 @@ def test_every_method_and_algo(tiny, tmp_path, capsys, method, algo):
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
     assert [r["step"] for r in records(out, "eval")] == [0, 2]
     assert (out / "adapter.safetensors").exists() and (out / "state.pt").exists()
+    assert (out / "peft" / "adapter_config.json").exists() == (method != "full")  # the PEFT copy, where there is one
     assert sum(p.numel() for p in trained_params(out)) == n
     if algo == "sft":  # the reference solutions always give a gradient
         assert any(p.abs().sum() > 0 for p in trained_params(out))
@@ -215,6 +216,8 @@ def no_model_load(monkeypatch):
         (["--data", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
         (["--model", "/no/such/folder"], "no such folder"),
         (["--out", "/proc/version/run"], "cannot write there"),
+        (["--report-to", "mlflow"], "--report-to mlflow: use wandb, tensorboard or both"),
+        (["--warmup", 1], r"--warmup in \[0, 1\)"),
     ],
 )
 def test_bad_values_fail_before_the_model_loads(tiny, tmp_path, no_model_load, extra, message):
@@ -436,3 +439,128 @@ def test_mini_batches_are_whole_groups_and_the_same_on_any_number_of_ranks():
         S = B // N
         ranks = [[{r * S + i // G for i in rows} for rows in train.mini_batch_rows(S, G, K)] for r in range(N)]
         assert [set().union(*(ranks[r][k] for r in range(N))) for k in range(K)] == one
+
+
+# -----------------------------------------------------------------------------
+# recipes, the warm-up, the evaluation set, v at its storage precision, what a run leaves behind
+
+
+def test_recipes_set_defaults_and_explicit_flags_win(capsys):
+    import train
+
+    g = train.parse_args([])
+    assert (g.recipe, g.model, g.data, g.G, g.prompts_per_step, g.lr, g.warmup) == (
+        "gsm8k", "Qwen/Qwen2.5-7B-Instruct", "gsm8k", 4, 64, 1e-5, 0.05,
+    )  # fmt: skip
+    assert (g.mini_batches, g.mu, g.eps_low, g.eps_high, g.kl, g.entropy_coef, g.tis_cap) == (2, 1, 0.2, 0.4, 0, 0, 2)
+    assert (g.weight_decay, g.max_prompt_tokens, g.reward, g.epochs, g.temperature) == (0.01, 512, "official", 3, 1)
+    m = train.parse_args(["--recipe", "math"])
+    assert (m.data, m.G, m.prompts_per_step, m.kl, m.entropy_coef, m.mini_batches, m.eps_high) == (
+        "math_train", 8, 256, 0.001, 0.001, 1, 0.2,
+    )  # fmt: skip
+    assert (m.max_prompt_tokens, m.prompt_style, m.lr, m.warmup) == (1024, "qwen-boxed", 5e-7, 0.0)
+    assert m.max_new_tokens is None  # the task's: data.response_tokens, once the data is loaded
+    o = train.parse_args(["--recipe", "math", "--G", "3", "--kl", "0", "--lr", "1e-3"])
+    assert (o.G, o.kl, o.lr, o.prompts_per_step) == (3, 0.0, 1e-3, 256)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    table = text[text.index("recipes (--recipe") :]
+    assert "--entropy-coef" in table and "0.001" in table and "Qwen/Qwen2.5-Math-7B" in table
+
+
+def test_lr_warmup_from_zero_counted_in_batches(tiny, tmp_path):
+    import train
+
+    # official: W = int(0.05 x 348) = 17 batches for GSM8K; lr(b) = lr b / W below W, from 0
+    assert [train.lr_at(b, 1e-5, 17) for b in (0, 1, 16, 17, 300)] == pytest.approx(
+        [0, 1e-5 / 17, 16e-5 / 17, 1e-5, 1e-5]
+    )
+    assert train.lr_at(0, 1e-5, 0) == 1e-5  # no warm-up: constant
+    # 24 prompts / 4 = 6 batches an epoch x 3 epochs = 18; --warmup 0.5 -> W = 9, whatever --max-steps says
+    out = tmp_path / "run"
+    run(base_args(tiny, out, "--warmup", 0.5, "--max-steps", 3, "--no-eval", *LONGER))
+    steps = records(out)
+    assert [r["lr"] for r in steps] == pytest.approx([0, 0.05 / 9, 0.1 / 9])
+    assert steps[0]["v"] == [0.0] * 4  # lr 0: the first batch's two updates leave v where it was
+
+
+def test_eval_set_is_the_sibling_test_file_or_a_refusal(tiny, tmp_path, no_model_load):
+    ckpt, folder = tiny
+    with pytest.raises(AssertionError, match="the model was loaded"):  # got past every check: test.jsonl was found
+        run(base_args(tiny, tmp_path / "a", "--data", Path(folder) / "train.jsonl"))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "mine.jsonl").write_text((Path(folder) / "train.jsonl").read_text())
+    with pytest.raises(SystemExit, match=r"evaluate on its own training file\. Add --eval-data FILE"):
+        run(base_args(tiny, tmp_path / "b", "--data", alone / "mine.jsonl"))
+    with pytest.raises(AssertionError, match="the model was loaded"):  # --eval-data or --no-eval settle it
+        run(base_args(tiny, tmp_path / "c", "--data", alone / "mine.jsonl", "--no-eval"))
+
+
+def test_sibling_test_file_is_what_the_run_evaluates(tiny, tmp_path):
+    ckpt, folder = tiny
+    out = tmp_path / "run"
+    run(base_args(tiny, out, "--data", Path(folder) / "train.jsonl", "--max-steps", 1, "--eval-limit", 6))
+    ids = [json.loads(line)["id"] for line in open(out / "eval" / "step000000.jsonl")]
+    questions = [json.loads(line)["question"] for line in open(Path(folder) / "test.jsonl")]
+    assert len(ids) == len(questions) == 6 and all("-test-" in i for i in ids)
+    args = json.load(open(out / "args.json"))
+    assert args["recipe"] == "gsm8k" and args["max_new_tokens"] == 8
+    assert args["sources"]["model"] == {"id": ckpt, "revision": None, "sha": None}  # a local folder has no commit
+    assert args["sources"]["data"]["id"] == str(Path(folder) / "train.jsonl")
+    from export import read_adapter
+
+    meta, _ = read_adapter(str(out / "adapter.safetensors"))
+    assert "sources" in json.dumps(meta) and "gsm8k" in json.dumps(meta)
+
+
+def test_evaluation_sees_v_rounded_to_storage_and_training_keeps_fp32(tiny, tmp_path, monkeypatch):
+    import eval as evaluation
+    import tinylora
+
+    seen, real = [], evaluation.evaluate
+
+    def spy(model, *a, **kw):
+        mods = [m for m in model.modules() if isinstance(m, tinylora.TinyLoRALinear)]
+        seen.append(torch.stack([m.v.detach().clone() for m in mods[:: len(mods) // 2]]))  # one module per group
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(evaluation, "evaluate", spy)
+    runs = {}
+    for dt in ("fp32", "bf16"):
+        seen.clear()
+        out = tmp_path / dt
+        run(base_args(tiny, out, "--v-dtype", dt, "--max-steps", 3, "--eval-every", 1, "--eval-limit", 1, *LONGER))
+        runs[dt] = (list(seen), trained_params(out), records(out))
+    (e32, p32, r32), (e16, p16, r16) = runs["fp32"], runs["bf16"]
+    assert [r["v"] for r in r32] == [r["v"] for r in r16]  # training is the same: it never saw the rounding
+    assert all(torch.equal(a, b) for a, b in zip(p32, p16))
+    assert any(a.abs().sum() > 0 for a in p32), "v never moved: the test would be weak"
+    for a, b in zip(e32, e16):  # at each evaluation: bf16 storage saw the fp32 v rounded, fp32 saw it as is
+        assert torch.equal(b, a.to(torch.bfloat16).float())
+    assert any(not torch.equal(a, b) for a, b in zip(e32, e16)), "rounding changed nothing: the test would be weak"
+
+
+def test_math_recipe_end_to_end_with_entropy_kl_and_its_system_turn(tiny, tmp_path):
+    ckpt, _ = tiny
+    folder = tmp_path / "math"
+    folder.mkdir()
+    for split, n in (("train", 8), ("test", 2)):
+        rows = [{"problem": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    run(["--recipe", "math", "--device", "cpu", "--model", ckpt, "--data", folder, "--out", out, "--G", 4,
+         "--prompts-per-step", 4, "--max-new-tokens", 8, "--max-steps", 1, "--eval-every", 0, "--tie", 7])  # fmt: skip
+    (step,) = records(out)
+    assert step["entropy"] > 0 and step["kl"] == 0 and step["lr"] == 5e-7  # v = 0 at step 1: the base model
+    prompt = json.loads(open(out / "eval" / "step000000.jsonl").readline())["prompt"]
+    assert "system\nYou are a helpful assistant." in prompt and "\\boxed{}" in prompt
+    args = json.load(open(out / "args.json"))
+    assert (args["recipe"], args["G"], args["entropy_coef"], args["kl"], args["mini_batches"]) == (
+        "math",
+        4,
+        1e-3,
+        1e-3,
+        1,
+    )
