@@ -7,19 +7,27 @@ Two graders. GSM8K golds are integers, so GSM8K answers are compared as exact ra
 are LaTeX, so the last \\boxed{...} is compared by Hugging Face's math-verify (sympy), run in a child process
 under a time limit.
 
-Choices, each marked *ref* (what a common reference scorer does) or *ours*:
-1. GSM8K *strict*: the number right after a `####` marker, anywhere in the response (*ref*: lm-eval's strict-match,
-   the paper's training reward). When there are several markers we take the LAST one, the answer the model ended on
-   (*ours*; lm-eval takes the first, verl takes the first within the last 300 characters). We do not clip the
-   search to the end of the response (*ours*). Between the marker and the number we allow spaces, `$`, `\\$`, `**`,
-   `\\(`, `\\boxed{`; anything else (e.g. "#### The answer is 5") is no strict answer.
+Choices, each marked *ref* (what a common reference scorer does), *official* (what the paper's training code, a verl
+fork, does) or *ours*:
+1. GSM8K *strict*: the number right after a `####` marker, anywhere in the response (*ref*: lm-eval's strict-match).
+   When there are several markers we take the LAST one, the answer the model ended on (*ours*; lm-eval takes the
+   first). We do not clip the search to the end of the response (*ours*). Between the marker and the number we allow
+   spaces, `$`, `\\$`, `**`, `\\(`, `\\boxed{`; anything else (e.g. "#### The answer is 5") is no strict answer.
+1b. GSM8K *official*: the paper's reward exactly as its code scores it (*official*: verl/utils/reward_score/gsm8k.py,
+   method "strict", score 1, format_score 0): only the last 300 characters of the response are searched; in them,
+   every `#### ` (one space) followed by a run of digits, `.` and `,` (optionally after `-`) is a candidate; the LAST
+   one is taken, its commas removed, and compared as a STRING with the gold (commas removed). So "#### 18." or
+   "#### 18.00" score 0 for gold 18, "####18" and "#### $18" are no answer, and a marker more than 300 characters
+   before the end is not seen. A wrong answer and no answer both score 0. Under a boxed prompt style (choice 4) the
+   same window and comparison read the last \\boxed{} in the window, whose content must be such a run (*ours*).
 2. GSM8K *flexible*: the last number anywhere in the response (*ref*: lm-eval's flexible-extract). A `\\boxed{18}`
    with no `####` scores under flexible only.
 3. Numbers are normalised before comparing (*ours*): thousands commas ("1,080"), a leading `$`, a trailing ".",
    "18.00" = "18", "−5" (unicode minus) = "-5"; then compared as exact fractions, never as floats. A minus sign
    counts only when it does not follow a digit, letter or ")" ("10-5" ends in 5, not -5).
-4. If the prompt asked for \\boxed{} (style "boxed"), GSM8K *strict* reads the last \\boxed{} instead of `####`,
-   and its content must be a single number (*ours*: strict means "in the format the prompt asked for").
+4. If the prompt asked for \\boxed{} (style "boxed" or "qwen-boxed", data/prompts.py BOXED), GSM8K *strict* and
+   *official* read the last \\boxed{} instead of `####`, and its content must be a single number (*ours*: a grader
+   that depends on the format reads the format the prompt asked for; flexible does not depend on it).
 5. MATH: the LAST `\\boxed{...}` or `\\fbox{...}` (nested braces matched; `\\boxed 5` without braces also read)
    (*ref*: Qwen2.5-Math / SimpleRL). An unterminated last `\\boxed{` (a truncated response) is no answer; we do
    not fall back to an earlier box (*ours*).
@@ -58,10 +66,12 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from functools import lru_cache
 
+from data.prompts import BOXED
+
 STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded machine
 VERIFY_TIMEOUT_S = 5.0  # per math-verify comparison (math-verify's own default is 5 s per call)
 MAX_WORKERS = min(8, os.cpu_count() or 1)  # parallel math-verify children for grade_many
-KINDS = ("strict", "flexible")
+KINDS = ("strict", "flexible", "official")  # the GSM8K graders --reward can name
 
 # -----------------------------------------------------------------------------
 # numbers (GSM8K)
@@ -73,6 +83,9 @@ STRICT_RE = re.compile(rf"####[ \t]*(?:\\\(|\\\$|\$|\*\*|\\boxed\{{)*[ \t]*({NUM
 FLEXIBLE_RE = re.compile(rf"(?<![\w)\d.])({NUMBER})")  # a sign after a digit/letter/")" is an operator, not a sign
 MAX_DIGITS = 1000  # longer "numbers" are junk (and Python refuses int() past 4300 digits): never equal to a gold
 PLAIN_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")  # the fast path of the MATH grader
+OFFICIAL_WINDOW = 300  # characters at the end of a response the official scorer searches (choice 1b)
+OFFICIAL_RE = re.compile(r"#### (-?[0-9.,]+)")  # official: verl/utils/reward_score/gsm8k.py, method "strict"
+OFFICIAL_RUN_RE = re.compile(r"-?[0-9.,]+")  # the same run of characters, as the whole content of a box
 
 
 def to_number(text) -> Fraction | None:
@@ -100,6 +113,18 @@ def extract_flexible(response: str) -> str | None:
     for m in FLEXIBLE_RE.finditer(response if isinstance(response, str) else ""):
         last = m.group(1)
     return last
+
+
+def extract_official(response: str, style: str = "gsm8k") -> str | None:
+    """The official scorer's answer (choice 1b): the last `#### N` in the last 300 characters, commas removed; under a
+    boxed style the last \\boxed{} in that window, if its whole content is such a number."""
+    window = (response if isinstance(response, str) else "")[-OFFICIAL_WINDOW:]
+    if style in BOXED:
+        box = extract_boxed(window)
+        found = [box] if box is not None and OFFICIAL_RUN_RE.fullmatch(box) else []
+    else:
+        found = OFFICIAL_RE.findall(window)
+    return found[-1].replace(",", "") if found else None
 
 
 # -----------------------------------------------------------------------------
@@ -277,11 +302,21 @@ def math_equal(gold: str, pred: str) -> bool:
 def gsm8k_grade(gold: str, response: str, style: str = "gsm8k") -> dict:
     response = response if isinstance(response, str) else ""
     g = to_number(gold)
-    pred_strict = extract_boxed(response) if style == "boxed" else extract_strict(response)
+    pred_strict = extract_boxed(response) if style in BOXED else extract_strict(response)
     pred_flexible = extract_flexible(response)
+    pred_official = extract_official(response, style)
     strict = g is not None and to_number(pred_strict) == g
     flexible = g is not None and to_number(pred_flexible) == g
-    return dict(correct=strict, strict=strict, flexible=flexible, pred_strict=pred_strict, pred_flexible=pred_flexible)
+    official = pred_official is not None and pred_official == str(gold).strip().replace(",", "")  # strings (1b)
+    return dict(
+        correct=strict,
+        strict=strict,
+        flexible=flexible,
+        official=official,
+        pred_strict=pred_strict,
+        pred_flexible=pred_flexible,
+        pred_official=pred_official,
+    )
 
 
 def math_grade(gold: str, response: str) -> dict:
@@ -291,8 +326,8 @@ def math_grade(gold: str, response: str) -> dict:
 
 def grade(example, response: str, gold: str | None = None) -> dict:
     """Grade one response. `example` is a dict from `data.load_dataset` (uses its grader, gold and style), or a
-    grader name ("gsm8k" / "math") with `gold=` given. GSM8K -> correct (= strict), strict, flexible, pred_strict,
-    pred_flexible; MATH -> correct, pred."""
+    grader name ("gsm8k" / "math") with `gold=` given. GSM8K -> correct (= strict), strict, flexible, official,
+    pred_strict, pred_flexible, pred_official; MATH -> correct, pred."""
     if isinstance(example, str):
         grader, style = example, "gsm8k"
         if gold is None:
@@ -308,8 +343,8 @@ def grade(example, response: str, gold: str | None = None) -> dict:
 
 
 def reward(example, response: str, kind: str = "strict") -> float:
-    """1.0 / 0.0 by the named grader: GSM8K "strict" (default, the paper's exact-match reward) or "flexible";
-    MATH always uses the boxed grader, whatever `kind` says."""
+    """1.0 / 0.0 by the named grader: GSM8K "strict" (default), "flexible" or "official" (the paper's code's
+    reward, choice 1b); MATH always uses the boxed grader, whatever `kind` says."""
     if kind not in KINDS:
         raise ValueError(f"unknown reward kind {kind!r}: expected one of {KINDS}")
     g = grade(example, response)

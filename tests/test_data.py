@@ -66,6 +66,80 @@ def test_gsm8k_extracted_answers():
     assert data.extract_strict("no marker 7") is None
 
 
+# -----------------------------------------------------------------------------
+# GSM8K, the official scorer (the paper's code: verl's gsm8k.py, read by hand): (gold, response, official)
+# It searches only the last 300 characters for "#### " + a run of [0-9.,] (after an optional "-"), takes the last
+# one, drops its commas and compares STRINGS with the gold.
+
+PAD = "x"  # filler that holds no digit and no marker
+
+
+def just_inside(answer: str) -> str:
+    """The marker's first '#' is the 300th character from the end: the window holds all of it."""
+    return answer + PAD * (300 - len(answer))
+
+
+def just_outside(answer: str) -> str:
+    """One character more: the window starts on the marker's second '#', so '#### ' is not in it."""
+    return answer + PAD * (301 - len(answer))
+
+
+OFFICIAL_CASES = [
+    ("18", "9 * 2 = 18\n#### 18", True),
+    ("1080", "#### 1,080", True),  # commas dropped before comparing
+    ("1080", "#### 1,0,8,0", True),  # ... wherever they are: the official regex takes any run of digits and commas
+    ("18", "#### 18.", False),  # a full stop stays in the run: "18." is not the string "18"
+    ("18", "#### 18.00", False),  # no numeric comparison
+    ("18", "####18", False),  # the marker needs its space
+    ("18", "####  18", False),  # ... exactly one
+    ("18", "#### $18", False),  # a dollar sign stops the run before it starts
+    ("18", "**#### 18**", True),
+    ("18", "##### 18", True),  # "#### 18" is inside "##### 18"
+    ("18", "#### 18 dollars", True),  # the run ends at the space
+    ("18", "#### 18\nThat took 3 steps.", True),  # text after the marker does not matter
+    ("18", "First guess:\n#### 20\nWait, 9 * 2 = 18.\n#### 18", True),  # the last marker
+    ("20", "First guess:\n#### 20\nWait, 9 * 2 = 18.\n#### 18", False),
+    ("-3", "5 - 8 = -3\n#### -3", True),
+    ("-3", "#### \u22123", False),  # a unicode minus is not "-"
+    ("18", "9*2 = \\boxed{18}", False),  # a box is no marker under the GSM8K prompt
+    ("18", "The answer is $18.\n#### 18", True),
+    ("18", just_inside("#### 18"), True),
+    ("18", just_outside("#### 18"), False),
+    ("1080", just_inside("#### 1,080"), True),
+    ("1080", just_outside("#### 1,080"), False),
+    ("18", "#### 20" + PAD * 400 + "\n#### 18", True),  # an early marker far outside the window is not needed
+    ("18", "#### 18" + PAD * 400 + "\n#### 20", False),
+    ("18", "", False),
+]
+
+
+@pytest.mark.parametrize("gold,response,official", OFFICIAL_CASES)
+def test_gsm8k_official_grader(gold, response, official):
+    g = data.grade("gsm8k", response, gold=gold)
+    assert g["official"] == official, g
+    assert data.reward({"grader": "gsm8k", "gold": gold}, response, kind="official") == float(official)
+
+
+def test_official_and_strict_disagree_where_the_window_or_the_string_compare_decides():
+    checked = "#### 18\n" + "Let me double-check each step once more. " * 10  # the marker is ~400 characters back
+    g = data.grade("gsm8k", checked, gold="18")
+    assert g["strict"] and not g["official"] and g["pred_official"] is None
+    g = data.grade("gsm8k", "So she earns $18.\n#### 18.", gold="18")
+    assert g["strict"] and not g["official"] and g["pred_official"] == "18."
+    g = data.grade("gsm8k", "#### 1,0,8,0", gold="1080")
+    assert g["official"] and not g["strict"]
+    assert data.grade("gsm8k", "#### 18", gold="1,8")["official"]  # the gold's commas go too, as in verl's data
+
+
+def test_official_under_a_boxed_prompt_reads_the_box_in_the_window():
+    ex = {"grader": "gsm8k", "gold": "1080", "style": "boxed"}
+    assert data.grade(ex, "2 * 540 = \\boxed{1,080} dollars")["official"]
+    assert not data.grade(ex, "#### 1080")["official"]  # the prompt asked for a box
+    assert not data.grade(ex, "\\boxed{1080\\text{ dollars}}")["official"]  # the box must hold just the number
+    assert data.grade(ex, just_inside("\\boxed{1080}"))["official"]
+    assert not data.grade(ex, just_outside("\\boxed{1080}"))["official"]
+
+
 def test_gsm8k_boxed_style_reads_the_box():
     ex = {"grader": "gsm8k", "gold": "18", "style": "boxed"}
     assert data.grade(ex, "9*2 = \\boxed{18}")["strict"]
@@ -147,6 +221,7 @@ def test_graders_never_raise_on_junk():
         assert data.grade({"grader": "math", "gold": "5"}, r)["correct"] is False
         assert data.grade({"grader": "gsm8k", "gold": "5"}, r)["correct"] is False
         assert data.extract_strict(r) is None and data.extract_boxed(r) in (None, "\x00")
+        assert data.extract_official(r) is None and data.extract_official(r, "boxed") is None
 
 
 def test_long_responses_take_bounded_time():
@@ -157,6 +232,7 @@ def test_long_responses_take_bounded_time():
     for body in nasty:
         assert data.grade({"grader": "gsm8k", "gold": "18"}, body + tail)["strict"]
         assert data.grade({"grader": "math", "gold": "18"}, body + tail)["correct"]
+        assert data.grade({"grader": "gsm8k", "gold": "18"}, body + "\n#### 18")["official"]
         data.grade({"grader": "gsm8k", "gold": "18"}, body)  # no answer at all: still returns
         data.grade({"grader": "math", "gold": "18"}, body)
     assert time.perf_counter() - t0 < 30  # linear-time parsing takes well under a second here; a hang never ends
@@ -226,7 +302,7 @@ def test_load_unnamed_file_infers_the_grader(tmp_path):
     ex = data.load_dataset(str(FIX / "gsm8k_mini.jsonl"))
     assert ex[0]["grader"] == "gsm8k"
     ex = data.load_dataset(str(FIX / "math_mini.jsonl"))
-    assert ex[0]["grader"] == "math" and ex[0]["style"] == "boxed"
+    assert ex[0]["grader"] == "math" and ex[0]["style"] == "qwen-boxed"
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "train.jsonl").write_text((FIX / "gsm8k_mini.jsonl").read_text())
     ex = data.load_dataset(str(tmp_path / "gsm8k" / "train.jsonl"))
@@ -241,6 +317,12 @@ def test_load_unnamed_file_infers_the_grader(tmp_path):
         ("olympiadbench", "olympiad_mini.jsonl", ["69,84", "\\frac{1}{2}"]),  # list of $...$ strings
         ("aime24", "aime_mini.jsonl", ["025", "104"]),  # leading zero kept
         ("amc23", "amc_mini.jsonl", ["27", "-1", "0.75"]),  # floats
+        (
+            "gaokao2023en",
+            "gaokao_mini.jsonl",
+            ["\\{x|-2\\leq x < 1\\}", "\\frac{\\pi}{3}", "80"],
+        ),  # $ gone, empty skipped
+        ("college_math", "college_mini.jsonl", ["10-4 n", "(45,2),(-10,-9)", "\\$ 4", "-3"]),  # a currency $ kept
     ],
 )
 def test_load_math_sets_gold_rules(name, file, golds):
@@ -256,6 +338,22 @@ def test_gold_rules_grade_the_natural_answers():
     assert data.reward(amc[2], "\\boxed{\\frac{3}{4}}") == 1.0
     minerva = data.load_dataset("minerva_math", path=str(FIX / "minerva_mini.jsonl"))
     assert data.reward(minerva[1], "\\boxed{5}") == 1.0
+
+
+def test_gaokao_and_college_math_golds_grade_the_natural_answers(capsys):
+    gaokao = data.load_dataset("gaokao2023en", path=str(FIX / "gaokao_mini.jsonl"))
+    assert "skipped 1 rows with an empty answer (lines [2])" in capsys.readouterr().err
+    assert all("answers:" not in e["question"] for e in gaokao)  # the row with an empty answer is gone
+    assert data.reward(gaokao[1], "so $C = \\boxed{\\dfrac{\\pi}{3}}$") == 1.0
+    assert data.reward(gaokao[1], "\\boxed{\\frac{\\pi}{6}}") == 0.0
+    assert data.reward(gaokao[2], "\\boxed{80}") == 1.0
+    college = data.load_dataset("college_math", path=str(FIX / "college_mini.jsonl"))
+    assert data.reward(college[0], "\\boxed{10 - 4n}") == 1.0
+    assert data.reward(college[0], "\\boxed{4n - 10}") == 0.0
+    assert data.reward(college[1], "\\boxed{(45,2),(-10,-9)}") == 1.0
+    assert data.reward(college[2], "\\boxed{\\$4}") == 1.0
+    assert data.reward(college[3], "\\boxed{-3}") == 1.0 and data.reward(college[3], "\\boxed{3}") == 0.0
+    assert all(e["style"] == "qwen-boxed" and e["grader"] == "math" for e in gaokao + college)
 
 
 def test_escaped_dollar_in_a_gold_survives(tmp_path):
@@ -274,6 +372,105 @@ def test_limit():
     for bad in (0, -1, 1.5, "3", True):
         with pytest.raises(ValueError, match="limit"):
             data.load_dataset("gsm8k", path=str(FIX / "gsm8k_mini.jsonl"), limit=bad)
+
+
+# -----------------------------------------------------------------------------
+# the style is a property of the example: prompt and graders follow it
+
+
+def test_loader_style_makes_prompt_and_every_format_grader_agree():
+    ex = data.load_dataset("gsm8k", path=str(FIX / "gsm8k_mini.jsonl"), style="boxed")
+    assert {e["style"] for e in ex} == {"boxed"}
+    assert data.build_messages(ex[0])[-1]["content"].endswith("put your final answer within \\boxed{}.")
+    assert "####" not in data.build_messages(ex[0])[-1]["content"]
+    boxed, marked = "3 + 4 = \\boxed{7}", "3 + 4 = 7\n#### 7"
+    assert {k: data.reward(ex[0], boxed, kind=k) for k in data.KINDS} == {k: 1.0 for k in data.KINDS}
+    assert data.reward(ex[0], marked, kind="strict") == 0.0  # strict and official depend on the format...
+    assert data.reward(ex[0], marked, kind="official") == 0.0
+    assert data.reward(ex[0], marked, kind="flexible") == 1.0  # ... flexible does not
+    plain = data.load_dataset("gsm8k", path=str(FIX / "gsm8k_mini.jsonl"))  # the default style: ####
+    assert plain[0]["style"] == "gsm8k" and data.reward(plain[0], boxed, kind="official") == 0.0
+    assert data.reward(plain[0], marked, kind="official") == 1.0
+    assert data.with_style(plain, "qwen-boxed")[0]["style"] == "qwen-boxed" and plain[0]["style"] == "gsm8k"
+    with pytest.raises(ValueError, match="prompt style 'fancy'"):
+        data.load_dataset("gsm8k", path=str(FIX / "gsm8k_mini.jsonl"), style="fancy")
+
+
+def test_qwen_boxed_and_system_prompts():
+    m = data.load_dataset("math500", path=str(FIX / "math_mini.jsonl"))[0]
+    assert m["style"] == "qwen-boxed"  # the paper's MATH prompt is every MATH set's default
+    assert data.build_messages(m) == [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": m["question"] + "\nPlease reason step by step, and put your final answer within "
+         "\\boxed{}."},
+    ]  # fmt: skip
+    assert data.build_messages(m, system="Be brief.")[0] == {"role": "system", "content": "Be brief."}
+    assert data.build_messages(m, system="")[0] == {"role": "system", "content": ""}  # a string always wins
+    assert [x["role"] for x in data.build_messages(m, style="boxed")] == ["user"]  # the template's default
+    gsm = data.load_dataset("gsm8k", path=str(FIX / "gsm8k_mini.jsonl"))[0]
+    assert [x["role"] for x in data.build_messages(gsm)] == ["user"]
+    assert data.build_messages(gsm, system="Be brief.")[0]["content"] == "Be brief."
+
+
+def test_system_prompt_replaces_the_templates_default(make_checkpoint):
+    from model import Tokenizer
+
+    tok = Tokenizer(str(make_checkpoint("qwen2")))
+    gsm = data.load_dataset("gsm8k", path=str(FIX / "gsm8k_mini.jsonl"))[0]
+    default = tok.render(data.build_messages(gsm))
+    own = tok.render(data.build_messages(gsm, system="Answer in French."))
+    assert "You are a helpful assistant." in default and "You are a helpful assistant." not in own
+    assert own.startswith("<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\n")
+
+
+def test_default_eval_set_and_response_length():
+    assert data.default_eval_set("math_train") == ("math500", "test")
+    assert data.default_eval_set("gsm8k") == ("gsm8k", "test")
+    assert data.default_eval_set("my/rows.jsonl") == ("my/rows.jsonl", "test")  # a file: its own test split
+    gsm = data.load_dataset("gsm8k", path=str(FIX / "gsm8k_mini.jsonl"))
+    math = data.load_dataset("math500", path=str(FIX / "math_mini.jsonl"))
+    assert data.response_tokens(gsm) == 4096 and data.response_tokens(math) == 3072
+    assert data.response_tokens(gsm + math) == 4096 and data.response_tokens([]) == 4096  # a rank's empty shard
+
+
+SUITE_FIXTURES = {
+    "math500": "math_mini.jsonl",
+    "minerva_math": "minerva_mini.jsonl",
+    "olympiadbench": "olympiad_mini.jsonl",
+    "aime24": "aime_mini.jsonl",
+    "amc23": "amc_mini.jsonl",
+    "gaokao2023en": "gaokao_mini.jsonl",
+    "college_math": "college_mini.jsonl",
+}
+
+
+def suite_folder(tmp_path) -> Path:
+    """A folder like ../shared/data: one subfolder per benchmark holding test.jsonl."""
+    for name, file in SUITE_FIXTURES.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "test.jsonl").write_text((FIX / file).read_text())
+    return tmp_path
+
+
+def test_load_suite_from_a_folder(tmp_path):
+    root = suite_folder(tmp_path)
+    suite = data.load_suite("math", path=str(root))
+    assert sorted(suite) == sorted(SUITE_FIXTURES) and len(suite) == 7
+    assert {k: len(v) for k, v in suite.items()} == {
+        "math500": 3, "minerva_math": 2, "olympiadbench": 2, "aime24": 2, "amc23": 3, "gaokao2023en": 3,
+        "college_math": 4,
+    }  # fmt: skip
+    assert all(e["dataset"] == k and e["style"] == "qwen-boxed" for k, v in suite.items() for e in v)
+    assert all(len(v) == 1 for v in data.load_suite("math", path=str(root), limit=1).values())
+    assert {e["style"] for v in data.load_suite("math", path=str(root), style="boxed").values() for e in v} == {"boxed"}
+    (root / "amc23" / "test.jsonl").unlink()
+    (root / "amc23").rmdir()
+    with pytest.raises(ValueError, match="no folder 'amc23'"):
+        data.load_suite("math", path=str(root))
+    with pytest.raises(ValueError, match="must be a folder"):
+        data.load_suite("math", path=str(FIX / "math_mini.jsonl"))
+    with pytest.raises(ValueError, match="unknown suite"):
+        data.load_suite("physics")
 
 
 # -----------------------------------------------------------------------------
@@ -358,7 +555,7 @@ def test_prompts_are_the_documented_sentences():
         }
     ]
     m = data.load_dataset("math500", path=str(FIX / "math_mini.jsonl"))[0]
-    assert data.build_messages(m)[0]["content"].endswith(
+    assert data.build_messages(m)[-1]["content"].endswith(
         "\nPlease reason step by step, and put your final answer within \\boxed{}."
     )
     assert data.build_messages(gsm, "boxed")[0]["content"].endswith("within \\boxed{}.")
@@ -389,6 +586,8 @@ COUNTS = {  # ../shared/data/README.md
     ("olympiadbench", "test"): 675,
     ("aime24", "test"): 30,
     ("amc23", "test"): 40,
+    ("gaokao2023en", "test"): 385 - 2,  # README: 385 rows, 2 with an empty answer (skipped)
+    ("college_math", "test"): 2818,
 }
 
 
@@ -403,6 +602,28 @@ def test_real_files_load_with_documented_counts(name, split):
         assert all(data.grade(e, e["solution"])["strict"] for e in ex)  # each reference answer passes strict
     if name == "aime24":
         assert sum(e["gold"].startswith("0") for e in ex) > 0  # leading zeros kept
+
+
+@pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared/data is not on this machine")
+def test_real_math_suite_loads_all_seven(capsys):
+    suite = data.load_suite("math", path=str(SHARED / "data"))
+    assert {k: len(v) for k, v in suite.items()} == {k: COUNTS[k, "test"] for k in data.SUITES["math"]}
+    assert "skipped 2 rows" in capsys.readouterr().err  # GAOKAO's two empty answers
+    new = suite["gaokao2023en"] + suite["college_math"]
+    assert not any("$" in e["gold"].replace("\\$", "") for e in new)  # the $...$ delimiters removed
+
+
+@pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared/data is not on this machine")
+def test_real_gsm8k_golds_are_the_official_ground_truth():
+    """verl's preprocessing takes the first '#### N' of the answer and drops its commas; our gold must be that string,
+    since the official grader compares strings."""
+    import re
+
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in open(SHARED / "data" / "gsm8k" / f"{split}.jsonl")]
+        ex = data.load_dataset("gsm8k", split=split, path=str(SHARED / "data" / "gsm8k"))
+        theirs = [re.search(r"#### (-?[0-9.,]+)", r["answer"]).group(1).replace(",", "") for r in rows]
+        assert [e["gold"] for e in ex] == theirs
 
 
 @pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared/data is not on this machine")
