@@ -223,6 +223,16 @@ def plan_shards(sizes: dict, max_bytes: int) -> list[list[str]]:
     return shards
 
 
+def merged_layout(model, dtype: torch.dtype, max_bytes: int = SHARD_BYTES) -> tuple[dict, dict]:
+    """({key: bytes}, {file: [keys]}) of the merged checkpoint, from shapes alone: one model.safetensors, or
+    model-0000i-of-0000n.safetensors shards (choice 4). A tied lm_head is left out: transformers re-ties it."""
+    sizes = {k: t.numel() * dtype.itemsize for k, t in model.state_dict().items() if not _is_tied_head(model, k)}
+    shards = plan_shards(sizes, max_bytes)
+    if len(shards) == 1:
+        return sizes, {"model.safetensors": shards[0]}
+    return sizes, {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": keys for i, keys in enumerate(shards)}
+
+
 @torch.no_grad()
 def export_merged(
     model, path: str, source: str | None = None, dtype: torch.dtype | None = None, max_shard_bytes: int = SHARD_BYTES
@@ -242,18 +252,14 @@ def export_merged(
         raise ValueError("export_merged needs source=the base checkpoint folder (for config.json and tokenizer)")
     src = resolve(source)
     adapted = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)}
-    params = {k: t for k, t in model.state_dict().items() if not _is_tied_head(model, k)}  # transformers re-ties
+    params = model.state_dict()
     dtype = dtype or model.model.embed_tokens.weight.dtype
-    sizes = {k: t.numel() * dtype.itemsize for k, t in params.items()}
-    shards = plan_shards(sizes, max_shard_bytes)
-    files = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]  # fmt: skip
+    sizes, layout = merged_layout(model, dtype, max_shard_bytes)
     os.makedirs(path, exist_ok=True)
     for f in os.listdir(path):  # an earlier export's weights must not be read beside this one's
         if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", f):
             os.remove(os.path.join(path, f))
-    for file, keys in zip(files, shards):
+    for file, keys in layout.items():
         sd = {}
         for k in keys:
             t = params[k]
@@ -261,10 +267,9 @@ def export_merged(
                 t = t.float() + delta_weight(adapted[k])  # (d_out, d_in) in fp32, rounded once below
             sd[k] = t.to(dtype).contiguous().cpu()
         save_file(sd, os.path.join(path, file), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": {}}
-        for file, keys in zip(files, shards):
-            index["weight_map"].update(dict.fromkeys(keys, file))
+    if len(layout) > 1:
+        weight_map = {k: file for file, keys in layout.items() for k in keys}
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
     with open(os.path.join(src, "config.json")) as f:

@@ -588,3 +588,23 @@ def test_eval_adapter_by_hub_id(ck, tmp_path, monkeypatch, capsys):
     ev.main(argv + ["--adapter", str(run), "--out", str(tmp_path / "run.jsonl")])  # a run folder works too
     assert calls and calls[0][:2] == ("me/tiny", "adapter.safetensors")
     assert responses(tmp_path / "hub.jsonl") == responses(tmp_path / "run.jsonl")
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-3B-Instruct"])
+def test_merged_layout_at_real_size(name):
+    """The real configs on the meta device (no memory): bytes add up to the Hub's parameter totals in bf16, 5 GB
+    shards, a tied head written once."""
+    from model import Config, Transformer
+
+    with torch.device("meta"):
+        model = Transformer(Config.from_dict(BUILTIN_CONFIGS[name]))
+    sizes, layout = export.merged_layout(model, torch.bfloat16)
+    total = {"Qwen/Qwen2.5-7B-Instruct": 7_615_616_512, "Qwen/Qwen2.5-3B-Instruct": 3_085_938_688}[name]
+    assert sum(sizes.values()) == 2 * total  # past 2³¹ and 2³²: Python ints, no overflow
+    shard_bytes = [sum(sizes[k] for k in keys) for keys in layout.values()]
+    assert len(layout) >= -(-2 * total // export.SHARD_BYTES) and max(shard_bytes) <= export.SHARD_BYTES
+    firsts = [keys[0] for keys in layout.values()][1:]
+    assert all(b + sizes[k] > export.SHARD_BYTES for b, k in zip(shard_bytes, firsts))  # each shard was full
+    assert list(layout)[0] == f"model-00001-of-{len(layout):05d}.safetensors"
+    assert ("lm_head.weight" in sizes) == (name.endswith("7B-Instruct"))  # the 3B ties its head to the embedding
+    assert [k for keys in layout.values() for k in keys] == list(sizes)  # checkpoint order, every key once
