@@ -332,7 +332,7 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
-    flag = os.environ.get("HF_HUB_OFFLINE")
+    flag = os.environ.get("HF_HUB_OFFLINE")  # as it is now; huggingface_hub read it once, at import
     if constants.HF_HUB_OFFLINE if flag is None else flag.strip().upper() in ("1", "ON", "YES", "TRUE"):
         return "HF_HUB_OFFLINE is set"
     url = hub_endpoint()
@@ -350,11 +350,12 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def download_command(repo_id: str, filename: str | None = None, revision: str | None = None, repo_type="model") -> str:
-    """The `hf download` line that fetches the same files on another machine, into DIR."""
+    """The `hf download` line that fetches the same files on another machine, into DIR. One --exclude, not our three
+    --include patterns: 0.x's CLI keeps the last of repeated --include, 1.x takes `--include a b` as a, file b."""
     cmd = ["hf download", repo_id] + ([filename] if filename else [])
     cmd += [f"--repo-type {repo_type}"] if repo_type != "model" else []
     cmd += [f"--revision {revision}"] if revision else []
-    cmd += [] if filename else ["--include " + " ".join(f'"{p}"' for p in HUB_PATTERNS)]
+    cmd += [] if filename else ['--exclude "original/*"']  # Llama's second copy of the weights (.pth), unread here
     return " ".join(cmd + ["--local-dir DIR"])
 
 
@@ -362,14 +363,14 @@ def hub_message(e: Exception, repo_id, filename=None, revision=None, repo_type="
     """The sentence for a failed download (choice d): `why` is hub_unreachable()'s phrase, `then` how to use DIR."""
     from huggingface_hub import errors
 
-    what = repo_id + (f"/{filename}" if filename else "") + (f" at revision {revision}" if revision else "")
+    what = repr(repo_id + (f"/{filename}" if filename else "")) + (f" at revision {revision}" if revision else "")
     page = "https://huggingface.co/" + ("datasets/" if repo_type == "dataset" else "") + repo_id
     login = "log in here with `hf auth login` or set HF_TOKEN to a read token (https://huggingface.co/settings/tokens)"
     fetch = f"Download it on a machine with internet (`{download_command(repo_id, filename, revision, repo_type)}`), "
     fetch += f"copy DIR here and {then}."
     status = getattr(getattr(e, "response", None), "status_code", None)
     if why is not None or isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
-        return f"could not download {what!r}: {why or 'offline'}, and it is not in the local Hub cache. {fetch}"
+        return f"could not download {what}: {why or 'offline'}, and it is not in the local Hub cache. {fetch}"
     if isinstance(e, errors.GatedRepoError):  # a subclass of RepositoryNotFoundError: test it first
         return f"{repo_id} is gated: accept its licence on {page} (signed in), then {login}."
     if isinstance(e, errors.RevisionNotFoundError):
@@ -380,7 +381,7 @@ def hub_message(e: Exception, repo_id, filename=None, revision=None, repo_type="
         return f"{repo_id} has no file {filename!r}" + (f" at revision {revision}" if revision else "") + "."
     if status in (401, 403):
         return f"the Hub refused {repo_id} (HTTP {status}): if it is gated, accept its licence on {page}; then {login}."
-    return f"could not download {what!r} from the Hugging Face Hub ({type(e).__name__}: {e}). {fetch}"
+    return f"could not download {what} from the Hugging Face Hub ({type(e).__name__}: {e}). {fetch}"
 
 
 def snapshot_sha(path: str) -> str | None:
