@@ -608,3 +608,57 @@ def test_merged_layout_at_real_size(name):
     assert list(layout)[0] == f"model-00001-of-{len(layout):05d}.safetensors"
     assert ("lm_head.weight" in sizes) == (name.endswith("7B-Instruct"))  # the 3B ties its head to the embedding
     assert [k for keys in layout.values() for k in keys] == list(sizes)  # checkpoint order, every key once
+
+
+def test_command_on_a_tied_llama(make_checkpoint, tmp_path):
+    """Tied embeddings (Llama family): the merged folder writes the head once and still reloads as base + adapter;
+    the PEFT folder loads in PEFT."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    tied = make_checkpoint("llama", tied=True)
+    run, model, _ = make_run(tied, tmp_path)
+    with pytest.warns(UserWarning):
+        export.main([str(run), "--merged", str(tmp_path / "m"), "--peft", str(tmp_path / "p"), "--device", "cpu"])
+    with safe_open(tmp_path / "m" / "model.safetensors", framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    want = logits_of(model)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tied), tmp_path / "p")
+    with torch.no_grad():
+        assert torch.allclose(fresh(tmp_path / "m")(IDX), want, atol=1e-4)
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(IDX).logits, want, atol=1e-4)
+        assert torch.allclose(peft_model(IDX).logits, want, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_command_on_the_real_smollm2(smollm2, tmp_path):
+    """Real weights, tokenizer and chat template: the PEFT folder gives our logits in PEFT; the bf16 merged folder
+    keeps the tokenizer, generation config and template, and states bfloat16."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from model import Tokenizer
+
+    run, model, adapter = make_run(smollm2, tmp_path, u=2, tie=10, seed=3)
+    with torch.no_grad():
+        for p in adapter.params:
+            p.mul_(0.1)  # ΔW at a realistic scale for trained v on real weights
+        adapter.save(str(run / "adapter.safetensors"))
+    msgs = [{"role": "user", "content": "What is 7 times 8?"}]
+    idx = torch.tensor([Tokenizer(str(smollm2)).apply_chat_template(msgs)])
+    with torch.no_grad():
+        want = model(idx)
+    with pytest.warns(UserWarning):
+        export.main([str(run), "--peft", str(tmp_path / "p"), "--merged", str(tmp_path / "m"), "--dtype", "bf16",
+                     "--device", "cpu"])  # fmt: skip
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32),
+                                           tmp_path / "p")  # fmt: skip
+    with torch.no_grad():
+        got = peft_model(idx).logits
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+    assert export.vllm_lora_problems(str(tmp_path / "p"), max_lora_rank=8) == []
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["dtype"] == cfg["torch_dtype"] == "bfloat16"
+    assert Tokenizer(str(tmp_path / "m")).render(msgs) == Tokenizer(str(smollm2)).render(msgs)
+    assert (tmp_path / "m" / "generation_config.json").read_text() == (smollm2 / "generation_config.json").read_text()
