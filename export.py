@@ -324,7 +324,7 @@ def export_peft_lora(
         raise ValueError("method='full' has no low-rank update to export as LoRA; use export_merged (--merged)")
     base_id, sha, warning = hub_id_of(base or adapter.model.name_or_path)
     if warning:
-        warnings.warn(warning, stacklevel=2)
+        warnings.warn(warning, stacklevel=3)  # the caller's line (torch.no_grad wraps this function)
     sd = {}
     for name, mod in adapter.modules:
         U, M, V = mod.lowrank()
@@ -355,8 +355,10 @@ def model_card(adapter: Adapter, config: dict, repo_id: str | None = None, has_f
     s, n, base = adapter.settings, adapter.num_params(), config["base_model_name_or_path"]
     where = repo_id or "THIS_FOLDER"
     n_lora = sum(m.r * (m.in_features + m.out_features) for _, m in adapter.modules)
-    settings = ", ".join(f"{k}={s[k]}" for k in ("method", "r", "u", "tie", "order", "variant", "seed", "alpha"))
+    keys = ("method", "r", "u", "tie", "order", "variant", "seed", "alpha")
+    settings = ", ".join(f"{k}={s[k]}" for k in keys if s[k] is not None)
     step = (getattr(adapter, "stored", None) or {}).get("meta", {}).get("step")
+    ours = f"\nWith tinylora: `python eval.py --model {base} --adapter {where} --dataset gsm8k`.\n" if has_file else ""
     return f"""---
 base_model: {base}
 library_name: peft
@@ -389,7 +391,7 @@ model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}")
 vllm serve {base} --enable-lora --lora-modules tinylora={where} --max-lora-rank {vllm_max_lora_rank(s["r"])}
 lm_eval --model hf --model_args pretrained={base},peft={where} --tasks gsm8k
 ```
-"""
+{ours}"""
 
 
 # -----------------------------------------------------------------------------
@@ -462,10 +464,12 @@ def vllm_lora_problems(folder: str, max_lora_rank: int | None = None) -> list[st
     return problems
 
 
-def push_to_hub(folder: str, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
-    """Upload `folder` to the Hub model repo `repo_id` (created if missing); returns its URL."""
+LOGIN = "log in with `hf auth login` or set HF_TOKEN, using a token with write access (https://huggingface.co/settings/tokens)"
+
+
+def check_push(repo_id: str, folder: str, token: str | None = None):
+    """SystemExit with what to do when a push cannot work now (offline, not logged in): before any slow work."""
     import huggingface_hub
-    from huggingface_hub import errors
 
     import model as M
 
@@ -473,10 +477,19 @@ def push_to_hub(folder: str, repo_id: str, private: bool | None = None, token: s
     why = M.hub_unreachable()
     if why:
         raise SystemExit(f"cannot push to {repo_id}: {why}. {later}")
-    login = "log in with `hf auth login` or set HF_TOKEN, using a token with write access "
-    login += "(https://huggingface.co/settings/tokens)"
     if token is None and huggingface_hub.get_token() is None:  # else the Hub answers 401 after the request
-        raise SystemExit(f"cannot push to {repo_id}: not logged in to the Hugging Face Hub; {login}. {later}")
+        raise SystemExit(f"cannot push to {repo_id}: not logged in to the Hugging Face Hub; {LOGIN}. {later}")
+
+
+def push_to_hub(folder: str, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+    """Upload `folder` to the Hub model repo `repo_id` (created if missing); returns its URL."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    import model as M
+
+    check_push(repo_id, folder, token)
+    later, login = f"Push it later with `hf upload {repo_id} {folder}`.", LOGIN
     api = huggingface_hub.HfApi(endpoint=M.hub_endpoint(), token=token)
     try:
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
@@ -618,6 +631,8 @@ def export_command(args):
         info, _ = read_adapter(file)
     except ValueError as e:
         raise SystemExit(f"export.py: {e}") from None
+    if args.push_to_hub:
+        check_push(args.push_to_hub, args.peft)
     if args.peft and info["method"] == "full":
         raise SystemExit("a method='full' run changed every weight: there is no LoRA to export; use --merged DIR")
     base, revision = base_of(file, info, args.model, args.revision)

@@ -518,6 +518,9 @@ def test_push_to_hub_mocked(ck, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(SystemExit, match="hf auth login"):
         export.push_to_hub(str(out), "me/x")
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("a push that cannot work fails before loading"))
+    with pytest.raises(SystemExit, match="not logged in"):
+        export.main([str(run), "--peft", str(out), "--push-to-hub", "me/x", "--device", "cpu"])
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
     response = httpx.Response(403, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
     FakeApi.fail = errors.HfHubHTTPError("403 Forbidden", response=response)
