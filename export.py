@@ -310,13 +310,14 @@ def hub_id_of(base: str) -> tuple[str, str | None, str | None]:
 @torch.no_grad()
 def export_peft_lora(
     adapter: Adapter, path: str, base: str | None = None, revision: str | None = None,
-    adapter_file: str | None = None, repo_id: str | None = None,
+    adapter_file: str | None = None, repo_id: str | None = None, dtype: str = "fp32",
 ) -> str:  # fmt: skip
     """Write the update as a standard rank-r PEFT LoRA folder: lora_B = U M, lora_A = Vᵀ, lora_alpha = r (scale 1),
     adapter_config.json, a model card (README.md) and, when given, the tinylora file as adapter.safetensors.
 
     ΔW = U M Vᵀ has rank ≤ r, so this is exact (up to fp32 rounding), whichever method produced it. `base` (default:
-    the model's source) becomes base_model_name_or_path as a Hub id (choice 7); `repo_id` is named in the card.
+    the model's) becomes base_model_name_or_path as a Hub id (choice 7); `repo_id` is named in the card. `dtype` is
+    the adapter file's storage dtype: the export uses the trained tensors rounded to it, as that file holds them.
     """
     from safetensors.torch import save_file
 
@@ -325,14 +326,23 @@ def export_peft_lora(
     base_id, sha, warning = hub_id_of(base or adapter.model.name_or_path)
     if warning:
         warnings.warn(warning, stacklevel=3)  # the caller's line (torch.no_grad wraps this function)
+    source = getattr(adapter.model, "source", None) or {}  # model.py's {"id", "revision", "sha"}
+    revision = revision or sha or (source.get("sha") if source.get("id") == base_id else None)
+    trained = [t.detach().clone() for t in adapter.params]
     sd = {}
-    for name, mod in adapter.modules:
-        U, M, V = mod.lowrank()
-        sd[f"base_model.model.{name}.lora_A.weight"] = V.T.contiguous().cpu()  # (r, d_in)
-        sd[f"base_model.model.{name}.lora_B.weight"] = (U @ M).contiguous().cpu()  # (d_out, r)
+    try:
+        for t in adapter.params:
+            t.copy_(t.to(DTYPES[dtype]))  # the values the adapter file stores (a no-op for one read from it)
+        for name, mod in adapter.modules:
+            U, M, V = mod.lowrank()
+            sd[f"base_model.model.{name}.lora_A.weight"] = V.T.contiguous().cpu()  # (r, d_in)
+            sd[f"base_model.model.{name}.lora_B.weight"] = (U @ M).contiguous().cpu()  # (d_out, r)
+    finally:
+        for t, saved in zip(adapter.params, trained):
+            t.copy_(saved)  # the caller's adapter is left as it was
     r = adapter.settings["r"]
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_id, "revision": revision or sha,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_id, "revision": revision,
         "r": r, "lora_alpha": r, "target_modules": adapter.settings["targets"], "bias": "none", "lora_dropout": 0.0,
         "fan_in_fan_out": False, "modules_to_save": None, "use_rslora": False, "use_dora": False, "lora_bias": False,
         "init_lora_weights": True, "inference_mode": True,
@@ -647,7 +657,8 @@ def export_command(args):
     print(f"{file}: {adapter.num_params():,} trained parameters ({info['method']}, r={adapter.r}) on {base}")
     # 3) the outputs
     if args.peft:
-        export_peft_lora(adapter, args.peft, base=base, revision=revision, adapter_file=file, repo_id=args.push_to_hub)
+        kw = dict(adapter_file=file, repo_id=args.push_to_hub, dtype=info["dtype"])
+        export_peft_lora(adapter, args.peft, base, revision, **kw)
         base_id, rank = hub_id_of(base)[0], vllm_max_lora_rank(adapter.r)
         print(f"PEFT LoRA -> {args.peft}  (vLLM: vllm serve {base_id} --enable-lora "
               f"--lora-modules tinylora={args.peft} --max-lora-rank {rank})")  # fmt: skip

@@ -665,3 +665,27 @@ def test_command_on_the_real_smollm2(smollm2, tmp_path):
     assert cfg["dtype"] == cfg["torch_dtype"] == "bfloat16"
     assert Tokenizer(str(tmp_path / "m")).render(msgs) == Tokenizer(str(smollm2)).render(msgs)
     assert (tmp_path / "m" / "generation_config.json").read_text() == (smollm2 / "generation_config.json").read_text()
+
+
+def test_in_run_export_matches_the_stored_file(ck, tmp_path):
+    """What a run writes at its end (export_peft_lora on the live adapter, dtype = the file's storage dtype) equals
+    what the command later writes from the stored file, and leaves the live adapter's fp32 values untouched."""
+    from safetensors.torch import load_file
+
+    model = fresh(ck)
+    adapter = attach(model, u=3, tie=4, seed=7)
+    set_v(adapter, scale=0.37)  # not exact in bf16
+    run = tmp_path / "run"
+    adapter.save(str(run / "adapter.safetensors"), dtype="bf16")
+    (run / "args.json").write_text(json.dumps({"model": str(ck)}))
+    before = [t.detach().clone() for t in adapter.params]
+    with pytest.warns(UserWarning):
+        export.export_peft_lora(adapter, str(tmp_path / "live"), adapter_file=str(run / "adapter.safetensors"),
+                                dtype="bf16")  # fmt: skip
+        export.main([str(run), "--peft", str(tmp_path / "cmd"), "--device", "cpu"])
+    assert all(torch.equal(a, b) for a, b in zip(adapter.params, before))
+    live, cmd = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("live", "cmd"))
+    assert live.keys() == cmd.keys() and all(torch.equal(live[k], cmd[k]) for k in live)
+    fp32 = load_file(export.export_peft_lora(adapter, str(tmp_path / "fp32")) + "/adapter_model.safetensors")
+    B = [k for k in live if k.endswith("lora_B.weight")]  # lora_B = U M carries v (lora_A = Vᵀ does not)
+    assert not any(torch.equal(fp32[k], live[k]) for k in B)  # unrounded values differ: the test bites
