@@ -125,9 +125,12 @@ def find_adapter(spec: str, revision: str | None = None) -> str:
     hub = hub_adapter(spec)
     if hub is None:
         raise ValueError(f"no adapter file at {spec} (give a file, a run folder, or a Hub repo like user/repo)")
-    from model import hub_download  # offline: the local Hub cache; a failure says what to do (HubError)
+    from model import HubError, hub_download  # offline: the local Hub cache; a failure says what to do
 
-    return hub_download(hub[0], revision, filename=hub[1], then=f"pass --adapter DIR/{hub[1]}")[0]
+    try:
+        return hub_download(hub[0], revision, filename=hub[1], then=f"pass --adapter DIR/{hub[1]}")[0]
+    except HubError as e:  # a mistyped local path reads as a Hub id too: say both
+        raise HubError(f"{spec} is not a local file or folder, and as a Hub repo: {e}") from None
 
 
 def load_adapter(path: str, model) -> Adapter:
