@@ -38,7 +38,7 @@ def checksum(tensors: dict) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
         h.update(k.encode())
-        h.update(tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensors[k].contiguous().view(torch.uint8).numpy())  # the buffer itself: no copy of a full model
     return h.hexdigest()
 
 
@@ -112,8 +112,8 @@ def fingerprint(model, names: list[str]) -> dict:
     probes = {}
     for name in dict.fromkeys([names[0], names[len(names) // 2], names[-1]]):
         w = model.get_submodule(name).weight.detach().flatten()
-        idx = torch.linspace(0, w.numel() - 1, 8).long().to(w.device)
-        probes[name] = w[idx].float().cpu().tolist()
+        idx = [(w.numel() - 1) * i // 7 for i in range(8)]  # exact integers (fp32 cannot count a 7B matrix's entries)
+        probes[name] = w[torch.tensor(idx, device=w.device)].float().cpu().tolist()
     return {"shapes": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16], "probes": probes}
 
 
