@@ -86,6 +86,10 @@ def test_count_cli_offline():
     cmd[-1] = "196"
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert "\n1 trainable parameter (" in out.stdout and "2 bytes in bf16" in out.stdout
+    cmd[-1:] = ["16", "--order", "structured"]  # 7 types x ceil(28 / 16) runs of layers
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "14 trainable parameters" in out.stdout and "order=structured" in out.stdout
     bad = subprocess.run(cmd[:2] + ["--model", "no/such-model"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "cannot read a config" in bad.stderr
 
