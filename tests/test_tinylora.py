@@ -88,9 +88,12 @@ def test_only_adapter_trains(ck, method):
     assert model(IDX).logsumexp(-1).mean() != loss  # and the step did change the model
 
 
-@pytest.mark.parametrize("family,tied", [("qwen2", False), ("llama", True), ("qwen3", False)])
-def test_full_finetuning_unfreezes_everything(make_checkpoint, family, tied):
-    ck = make_checkpoint(family, tied=tied)
+@pytest.mark.parametrize(
+    "family,tied,extra",
+    [("qwen2", False, {}), ("llama", True, {}), ("qwen3", False, {}), ("llama", False, dict(attention_bias=True))],
+)
+def test_full_finetuning_unfreezes_everything(make_checkpoint, family, tied, extra):
+    ck = make_checkpoint(family, tied=tied, **extra)  # Llama's attention_bias covers o_proj too
     model = fresh(ck)
     adapter = attach(model, method="full")
     assert adapter.num_params() == sum(p.numel() for p in set(model.parameters()))
