@@ -21,7 +21,7 @@ Choices: *paper* ("Learning to Reason in 13 Parameters"), *official* (its code, 
 6. Tying `structured`: modules bucketed by type, each type's layers cut into runs of `tie` nearby layers, so
    7 · ceil(L / tie) groups, none mixing types (*paper* §6.5, *official*; numbering type-major is ours).
 7. Variants, one row each of VARIANTS: `paper` W + U Σ R Vᵀ (*paper*); `peft` W + (U√Σ) R (√Σ Vᵀ) (*ref*);
-   `verl` W + (α/r) U R Σ Vᵀ, R / √u, P ~ N(0, 1), v ~ N(0, 1e-5²) (*official*, as described to us).
+   `verl` W + (α/r) U R Σ Vᵀ, R / √u, P ~ N(0, 1), v ~ N(0, 1e-5²) (*official*: verl/utils/lora_utils.py).
 8. LoRA-XS: u = r², P = the standard basis (R trains), tie = 1 (*paper*). LoRA: A kaiming-uniform, B = 0,
    ΔW = (α/r) B A, α = r by default (*ours*). `full` unfreezes every base weight.
 9. Trainable tensors live in the `Adapter`, not the model's state_dict, so base keys stay the checkpoint's
