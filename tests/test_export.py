@@ -336,6 +336,20 @@ def test_peft_config_and_card(ck, tmp_path):
     assert "PeftModel.from_pretrained" in card
 
 
+def test_hub_id_of_a_base(ck, tmp_path):
+    """How an export names its base: a Hub id as is; a Hub-cache folder by its id and commit; a folder whose config
+    records the id it came from (transformers < 5 wrote _name_or_path) by that id; any other folder by its path."""
+    assert export.hub_id_of("Qwen/Qwen2.5-7B-Instruct") == ("Qwen/Qwen2.5-7B-Instruct", None, None)
+    assert export.hub_id_of(str(in_hub_cache(ck, tmp_path, "my-org/tiny-model")))[:2] == ("my-org/tiny-model", SHA)
+    named = tmp_path / "named"
+    shutil.copytree(ck, named)
+    cfg = json.loads((named / "config.json").read_text())
+    (named / "config.json").write_text(json.dumps(cfg | {"_name_or_path": "org/original"}))
+    assert export.hub_id_of(str(named)) == ("org/original", None, None)
+    path, sha, warning = export.hub_id_of(str(ck))
+    assert (path, sha) == (str(ck), None) and "no Hub id" in warning
+
+
 def test_command_rejects_bad_requests(ck, tmp_path):
     run, _, _ = make_run(ck, tmp_path)
     with pytest.raises(SystemExit, match="nothing to write"):
