@@ -18,9 +18,10 @@ Choices: *paper* ("Learning to Reason in 13 Parameters"), *official* (its code, 
 4. v starts at zero: step 0 is exactly the base model (*paper*); trained in fp32, stored in fp32/bf16/fp16 (*paper*).
 5. Tying `tiled` (default, the paper's better order): depth order (layer 0's q, k, v, o, gate, up, down, then
    layer 1's, …) cut into runs of `tie`, the last one short (*paper*, *official*).
-6. Tying `structured`: type order (every layer's q, then every layer's k, …) cut into runs of `tie` (*ours*).
+6. Tying `structured`: modules bucketed by type, each type's layers cut into runs of `tie` nearby layers, so
+   7 · ceil(L / tie) groups, none mixing types (*paper* §6.5, *official*; numbering type-major is ours).
 7. Variants, one row each of VARIANTS: `paper` W + U Σ R Vᵀ (*paper*); `peft` W + (U√Σ) R (√Σ Vᵀ) (*ref*);
-   `verl` W + (α/r) U R Σ Vᵀ, R / √u, P ~ N(0, 1), v ~ N(0, 1e-5²) (*official*, as described to us).
+   `verl` W + (α/r) U R Σ Vᵀ, R / √u, P ~ N(0, 1), v ~ N(0, 1e-5²) (*official*: verl/utils/lora_utils.py).
 8. LoRA-XS: u = r², P = the standard basis (R trains), tie = 1 (*paper*). LoRA: A kaiming-uniform, B = 0,
    ΔW = (α/r) B A, α = r by default (*ours*). `full` unfreezes every base weight.
 9. Trainable tensors live in the `Adapter`, not the model's state_dict, so base keys stay the checkpoint's
@@ -175,7 +176,8 @@ def groups(num_layers: int, n_types: int, tie: int, order: str = "tiled") -> lis
     n = num_layers * n_types
     if order == "tiled":
         return [k // tie for k in range(n)]
-    return [((k % n_types) * num_layers + k // n_types) // tie for k in range(n)]  # position in type order, cut
+    per_type = math.ceil(num_layers / tie)  # runs of `tie` nearby layers within each type
+    return [(k % n_types) * per_type + (k // n_types) // tie for k in range(n)]
 
 
 def make_P(u: int, r: int, seed: int, variant: str = "paper"):

@@ -587,7 +587,7 @@ def evaluate(args, model, tok, evalset, step, rank):
 def show_adapter(args, cfg, model, adapter):
     """Assert the trainable count the flags imply (and that nothing else trains); print it large. -> (n, bytes)."""
     n = adapter.num_params()
-    want = export.count_params(cfg, args.method, args.r, args.u, args.tie, tinylora.TARGETS)
+    want = export.count_params(cfg, args.method, args.r, args.u, args.tie, tinylora.TARGETS, args.order)
     assert n == want, f"adapter has {n} trainable parameters but the flags imply {want}"
     # no weight gradients for frozen weights: only the adapter's tensors (every weight for method full) train
     frozen = [t for t in model.parameters() if not any(t is q for q in adapter.params)]
