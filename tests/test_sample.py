@@ -147,7 +147,8 @@ def test_counter_based_uniforms_match_a_python_hash_and_are_uniform():
     xs = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1] + torch.randint(0, 2**32, (500,)).tolist()
     assert sample.mix32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]  # no int64 overflow anywhere
     keys = sample.row_keys(torch.tensor([7, 2**32 - 5]), torch.arange(4096))  # (N,)
-    u = torch.stack([sample.uniforms(keys, t) for t in range(25)])  # (t, N)
+    u = sample.uniforms(keys, 25).T  # (t, N)
+    assert torch.equal(sample.uniforms(keys[7:9], 3), u[:3, 7:9].T)  # a row's draws do not depend on the others
     assert u.dtype == torch.float64 and (u >= 0).all() and (u < 1).all()
     counts = torch.histc(u.float(), bins=20, min=0, max=1)  # 102,400 draws: chi-square with 19 degrees of freedom
     e = u.numel() / 20
@@ -156,7 +157,7 @@ def test_counter_based_uniforms_match_a_python_hash_and_are_uniform():
     rows = torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1]
     assert steps.abs() < 0.02 and rows.abs() < 0.02  # neighbouring steps, neighbouring rows
     other = sample.row_keys(torch.tensor([8, 2**32 - 5]), torch.arange(4096))  # another seed, other noise
-    assert (sample.uniforms(other, 0) != u[0]).float().mean() > 0.99
+    assert (sample.uniforms(other, 1)[:, 0] != u[0]).float().mean() > 0.99
 
 
 # -----------------------------------------------------------------------------
