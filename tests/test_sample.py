@@ -304,6 +304,21 @@ def test_graph_decode_bookkeeping_with_a_stand_in_graph(qwen2, monkeypatch):
         assert sizes == sorted(set(sizes))
 
 
+def test_a_refused_graph_capture_decodes_eagerly_with_a_warning(qwen2, monkeypatch):
+    """A GPU or driver that refuses the capture costs speed, never the run: the same tokens, eagerly."""
+
+    def refuse(self, S):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(kernels.StaticDecode, "capture", refuse)
+    kw = dict(G=2, max_new_tokens=12, stop_ids=list(range(40, 140)))
+    live = gen(qwen2, decode="live", **kw)
+    monkeypatch.setattr(sample, "check_args", lambda *a: None)  # let decode="graph" through on CPU
+    with pytest.warns(UserWarning, match="CUDA-graph capture failed"):
+        graph = gen(qwen2, decode="graph", **kw)
+    assert_same(live, graph)
+
+
 def test_decode_graph_needs_cuda_and_unknown_decode_is_refused(qwen2):
     with pytest.raises(ValueError, match="CUDA"):
         sample.generate(qwen2, [[1, 2, 3]], max_new_tokens=4, decode="graph")
