@@ -234,3 +234,15 @@ def test_cli_prints_the_table(capsys):
     memory.main(["--model", "Qwen/Qwen2.5-7B-Instruct", "--recipe", "gsm8k", "--gpu", "h200"])
     out = capsys.readouterr().out
     assert "KV cache" in out and "PEAK" in out and "fits" in out and "chosen: --micro-batch-tokens" in out
+
+
+def test_rehearsal_dry_run():
+    """dev/rehearse.py's CUDA path (library calls on random in-memory weights), at a tiny size on CPU: it must not
+    fail on a typo before it meets a GPU."""
+    sys.path.insert(0, str(ROOT / "dev"))
+    import rehearse
+
+    out = rehearse.main(["--device", "cpu", "--in-memory", "--tiny"])
+    assert out["modules"] == 14 and out["trainable"] == 1  # --u 1 --tie 7L: one v shared by every module
+    assert out["tokens_sampled"] == out["rows"] * 8  # no stop ids: every row runs to max_new_tokens
+    assert out["grad"] > 0 and out["plan_peak"] > 0
