@@ -304,9 +304,27 @@ def advice(model, p: Plan, free: int, **kw) -> str:
                if plan(model, **kw, micro_batch_tokens=S * 2**k, **small).peak <= free]  # fmt: skip
         if fit:
             opts.append(f"--micro-batch-tokens {S * fit[0]}" + (" --grad-checkpointing" * ck))
-            if not ck:
-                break
     return f"training {need}: use {' or '.join(opts)}"
+
+
+def plan_for_run(cfg, args, max_prompt_tokens: int, world: int = 1, free: int | None = None):
+    """train.py's hook, called after the data and the config are read and before the weights load:
+        p, msg = memory.plan_for_run(cfg, args, max_prompt_tokens=<longest tokenized prompt>, world=world)
+        print(memory.format_plan(p, memory.free_memory(device)));  if msg: raise SystemExit(msg)
+    A micro_batch_tokens / grad_checkpointing of 'auto' in args is chosen here (set them from p.settings); fixed
+    settings that do not fit give the sentence naming the flag to change."""
+    device = args.device or "cuda"
+    kw = dict(dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), method=args.method,
+              r=args.r, u=args.u, tie=args.tie or 1, G=args.G, max_prompt_tokens=max_prompt_tokens,
+              max_new_tokens=args.max_new_tokens, chunk=args.chunk, top_k=args.top_k, top_p=args.top_p,
+              device=device, prompts_per_call=args.sample_batch or max(args.prompts_per_step // world, 1))  # fmt: skip
+    free = free_memory(device) if free is None else free
+    mbt = getattr(args, "micro_batch_tokens", None)
+    ck = args.grad_checkpointing
+    if mbt == "auto" or ck == "auto":
+        return choose(cfg, micro_batch_tokens=mbt if mbt else "auto", grad_checkpointing=ck, free=free, **kw)
+    p = plan(cfg, micro_batch_tokens=mbt, micro_batch=args.micro_batch, grad_checkpointing=bool(ck), **kw)
+    return p, (None if p.peak <= free else advice(cfg, p, free, **kw))
 
 
 def format_plan(p: Plan, free: int | None = None) -> str:

@@ -246,3 +246,21 @@ def test_rehearsal_dry_run():
     assert out["modules"] == 14 and out["trainable"] == 1  # --u 1 --tie 7L: one v shared by every module
     assert out["tokens_sampled"] == out["rows"] * 8  # no stop ids: every row runs to max_new_tokens
     assert out["grad"] > 0 and out["plan_peak"] > 0
+
+
+def test_plan_for_run_reads_train_args():
+    """The hook train.py calls before loading: its own argparse namespace, fixed settings -> the advice sentence."""
+    import argparse
+
+    import memory
+
+    args = argparse.Namespace(device="cuda", dtype=None, method="tinylora", r=2, u=1, tie=196, G=4,
+                              max_new_tokens=4096, chunk=4096, top_k=0, top_p=1.0, sample_batch=0,
+                              prompts_per_step=64, micro_batch=16, grad_checkpointing=False)  # fmt: skip
+    cfg = memory.read_config("Qwen/Qwen2.5-7B-Instruct")
+    p, msg = memory.plan_for_run(cfg, args, max_prompt_tokens=512, free=memory.GPUS["h200"])
+    assert p.settings["rows"] == 256 and p.settings["micro_batch_rows"] == 16 and p.dtype == "bfloat16"
+    assert msg is not None and "--micro-batch-tokens" in msg and "--grad-checkpointing" in msg
+    args.micro_batch_tokens, args.grad_checkpointing = "auto", "auto"
+    p, msg = memory.plan_for_run(cfg, args, max_prompt_tokens=512, free=memory.GPUS["h200"])
+    assert msg is None and p.peak <= memory.GPUS["h200"]

@@ -107,9 +107,21 @@ def prompt_ids(tok, n=64):
     return tok.apply_chat_template([{"role": "user", "content": q}])[:n]
 
 
+def check_svd(adapter):
+    """Each module's U, S, V are top singular triplets of its weight: W v_j = σ_j u_j, U orthonormal, σ descending."""
+    for name, mod in adapter.modules:
+        W = mod.weight.float()
+        res = (W @ mod.V - mod.U * mod.S).norm(dim=0) / mod.S  # (r,)
+        assert res.max() < 1e-2, f"{name}: SVD residual {res.max():.2e}"
+        assert torch.allclose(mod.U.T @ mod.U, torch.eye(mod.U.shape[1]), atol=1e-4)
+        assert (mod.S[:-1] >= mod.S[1:]).all()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["llama3.1-8b", "qwen3-8b"])  # Qwen2.5-7B: the train/export tests below
 def test_load_forward_attach(family, realsize):
+    """Sharded bf16 load, logits against transformers (Llama-3.1's llama3 RoPE, Qwen3's q/k norm at real width),
+    the fingerprint of every linear, and an attach on the largest matrices (down_proj, d_in 14336 / 12288)."""
     import export
     import tinylora
     from model import Tokenizer, load_model
@@ -126,16 +138,10 @@ def test_load_forward_attach(family, realsize):
     ref = transformers_logits(str(folder), ids)
     err = (ours - ref).abs().max() / ref.std()
     assert err < 0.05, f"{family}: logits differ from transformers by {err:.3f} of their std"
-    # attach on every linear: the top-2 SVD of each real-shape matrix, then the fingerprint of the base
-    adapter = tinylora.attach(net, u=1, tie=14)
-    assert len(adapter.modules) == 14 and adapter.num_params() == 1
-    for name, mod in adapter.modules:
-        W = mod.weight.float()
-        res = (W @ mod.V - mod.U * mod.S).norm(dim=0) / mod.S  # (r,): W v_j = σ_j u_j
-        assert res.max() < 1e-2, f"{name}: SVD residual {res.max():.2e}"
-        assert torch.allclose(mod.U.T @ mod.U, torch.eye(2), atol=1e-4)
-    names = [n for n, _ in adapter.modules]
-    assert adapter.fingerprint == export.fingerprint(net, names)
+    export.fingerprint(net, tinylora.module_names(2))  # every linear's probes index inside its weight
+    adapter = tinylora.attach(net, u=1, tie=2, targets=("down_proj",))
+    assert len(adapter.modules) == 2 and adapter.num_params() == 1
+    check_svd(adapter)
     with torch.no_grad():  # the adapter changes the output once v moves
         adapter.params[0].fill_(1.0)
         moved = net(torch.tensor([ids]))[0].float()
@@ -218,15 +224,19 @@ def test_eval_with_the_trained_adapter(qwen_runs):
 
 @pytest.mark.slow
 def test_exports_reload_to_the_same_logits(qwen_runs):
-    """The SFT adapter (v scaled up so the update survives bf16 rounding) on the base, against the PEFT-LoRA export
-    reloaded by peft onto transformers' model, and against the merged export reloaded by model.load_model."""
+    """The SFT adapter loaded onto a fresh base (its fingerprint checked, its 14 SVDs checked), v scaled up so the
+    update survives bf16 rounding; its logits against the PEFT-LoRA export reloaded by peft onto transformers' model
+    (whose base logits must equal ours), and against the merged export reloaded by model.load_model."""
     import export
     from model import Tokenizer, load_model
 
     ckpt, tmp = str(qwen_runs["ckpt"]), qwen_runs["tmp"]
     ids = torch.tensor([prompt_ids(Tokenizer(ckpt))])
     net = load_model(ckpt, dtype=torch.bfloat16, device="cpu")
-    adapter = export.load_adapter(str(qwen_runs["sft"] / "adapter.safetensors"), net)
+    adapter = export.load_adapter(str(qwen_runs["sft"] / "adapter.safetensors"), net)  # attach: 14 SVDs
+    assert len(adapter.modules) == 14 and adapter.num_params() == 1
+    check_svd(adapter)
+    assert adapter.fingerprint == export.fingerprint(net, [n for n, _ in adapter.modules])
     with torch.no_grad():
         adapter.params[0].mul_(40.0)  # v = ±2: ΔW entries ~4e-3, above bf16's spacing at the weights' 0.02
         ours = net(ids)[0].float()
@@ -245,8 +255,10 @@ def test_exports_reload_to_the_same_logits(qwen_runs):
         ref_lora = ref(ids).logits[0].float()
     del ref
     noise = (ref_base - base).abs().max()  # two implementations of the same bf16 base
-    assert effect > 10 * noise, f"the adapter's effect {effect:.3f} is lost in the bf16 noise {noise:.3f}"
-    assert (ref_lora - ours).abs().max() < 3 * noise + 1e-3
+    assert effect > 10 * noise + 0.1, f"the adapter's effect {effect:.3f} is lost in the bf16 noise {noise:.3f}"
+    # bf16 rounding differs where the low-rank term is added (peft: in fp32; ours: rounded, then added)
+    err = (ref_lora - ours).abs()
+    assert err.max() < 0.25 * effect and err.mean() < 0.1 * (ours - base).abs().mean(), (err.max(), effect)
     # 2) merged weights (bf16) through model.load_model
     merged = export.export_merged(net, str(tmp / "merged"), source=ckpt)
     del net, adapter
