@@ -196,7 +196,7 @@ def plan(
     rows_mb = min(rows_mb, N)
     settings = dict(prompts_per_call=Pn, G=G, max_prompt_tokens=Lp, max_new_tokens=T, rows=N, slots=S,
                     micro_batch_rows=rows_mb, micro_batch_tokens=micro_batch_tokens, chunk=chunk, top_k=top_k,
-                    top_p=top_p, method=method, r=r, u=u, tie=tie, optimizer=optimizer)  # fmt: skip
+                    top_p=top_p, method=method, r=r, u=u, tie=tie, optimizer=optimizer, vocab_size=V)  # fmt: skip
     settings["grad_checkpointing"] = grad_checkpointing
     p = Plan(model=str(name), device=device, dtype=dtype, settings=settings)
     add = lambda phase, what, n, note="": p.items.append(Item(phase, what, int(n), note))  # noqa: E731
