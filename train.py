@@ -79,9 +79,9 @@ p.add_argument("--r", type=int, default=2, help="rank of the frozen SVD (and of 
 p.add_argument("--u", type=int, default=1, help="length of each trainable vector v")
 p.add_argument("--tie", type=int, default=None, help="modules sharing one v (default: 16 for tinylora, else 1)")
 p.add_argument("--order", default="tiled", choices=["tiled", "structured"], help="which modules share a v")
-p.add_argument("--variant", default="paper", choices=["paper", "peft", "verl"], help="see tinylora.py choice 8")
+p.add_argument("--variant", default="verl", choices=["verl", "paper", "peft"], help="verl: the official update")
 p.add_argument("--v-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="v's storage in the saved file")
-p.add_argument("--alpha", type=float, default=None, help="LoRA scale (method lora only)")
+p.add_argument("--alpha", type=float, default=None, help="alpha of the alpha/r scale (default 32: verl, lora)")
 # algorithm
 p.add_argument("--algo", default="grpo", choices=["grpo", "sft"], help="sft: next-token loss on reference solutions")
 p.add_argument("--G", type=int, default=4, help="completions per prompt (group size)")
@@ -100,7 +100,7 @@ p.add_argument("--no-std", action="store_true", help="Dr. GRPO: do not divide ad
 p.add_argument("--tis-cap", type=float, default=2.0, help="truncated importance sampling cap (0: off)")
 p.add_argument("--mu", type=int, default=1, help="optimisation steps per batch of rollouts (1: on-policy)")
 # optimisation
-p.add_argument("--lr", type=float, default=2e-4)
+p.add_argument("--lr", type=float, default=2e-4, help="the paper swept 1e-7..2e-4 (with --variant verl)")
 p.add_argument("--weight-decay", type=float, default=0.0)
 p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
 p.add_argument("--micro-batch", type=int, default=16, help="rollouts per forward/backward (memory, not math)")
@@ -482,7 +482,7 @@ def main(argv=None):
     want = export.count_params(cfg, args.method, args.r, args.u, args.tie, tinylora.TARGETS)
     assert n == want, f"adapter has {n} trainable parameters but the flags imply {want}"
     # no weight gradients for frozen weights: only the adapter's tensors (every weight for method full) train
-    frozen = [t for t in model.parameters() if not any(t is q for q in adapter.params)]
+    frozen = [t for t in model.parameters() if not any(t is q for q in adapter.params) and args.method != "full"]
     assert not any(t.requires_grad for t in frozen), "a frozen weight requires grad"
     nbytes = n * torch.finfo(tinylora.DTYPES[args.v_dtype]).bits // 8
     bar = "=" * 72
@@ -492,6 +492,7 @@ def main(argv=None):
     if args.grad_checkpointing:
         grpo.use_grad_checkpointing(model)
     opt = torch.optim.AdamW(adapter.params, lr=args.lr, weight_decay=args.weight_decay)
+    opt.register_step_post_hook(lambda *_: adapter.masters_to_model())  # --method full in 16 bits: fp32 masters
     gen = torch.Generator(device=device).manual_seed(args.seed)  # re-seeded per sampling call (choice 9)
 
     # -------------------------------------------------------------------------
@@ -518,6 +519,7 @@ def main(argv=None):
         append_jsonl(metrics_path, head | {"update_bytes": nbytes, "steps": total, "world": world})
     for t in adapter.params:  # choice 8: every rank starts from rank 0's tensors (they agree already; this makes sure)
         collective(dist.broadcast, t.data, src=0, what="parameter broadcast")
+    adapter.masters_to_model()  # --method full in 16 bits: the (resumed, broadcast) masters into the weights
 
     def save(step):
         meta = {"step": step, "model": args.model}
