@@ -38,7 +38,7 @@ def checksum(tensors: dict) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
         h.update(k.encode())
-        h.update(tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensors[k].contiguous().view(torch.uint8).numpy())  # the buffer itself: no copy of a full model
     return h.hexdigest()
 
 
@@ -112,8 +112,8 @@ def fingerprint(model, names: list[str]) -> dict:
     probes = {}
     for name in dict.fromkeys([names[0], names[len(names) // 2], names[-1]]):
         w = model.get_submodule(name).weight.detach().flatten()
-        idx = torch.linspace(0, w.numel() - 1, 8).long().to(w.device)
-        probes[name] = w[idx].float().cpu().tolist()
+        idx = [(w.numel() - 1) * i // 7 for i in range(8)]  # exact integers (fp32 cannot count a 7B matrix's entries)
+        probes[name] = w[torch.tensor(idx, device=w.device)].float().cpu().tolist()
     return {"shapes": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16], "probes": probes}
 
 
@@ -292,13 +292,11 @@ def count_params(config_or_path, method="tinylora", r=2, u=1, tie=1, targets=TAR
     shape = linear_shapes(cfg)
     if method == "lora":
         return sum(r * sum(shape[n.rsplit(".", 1)[1]]) for n in names)
-    if method == "full":
-        C, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-        H, Hkv = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
-        per_layer = sum(a * b for a, b in shape.values()) + 2 * C  # 7 linears + 2 norms
-        per_layer += (H + 2 * Hkv) * cfg.attention_bias + (2 * I + C) * cfg.mlp_bias + 2 * D * cfg.qk_norm
-        head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * C
-        return cfg.vocab_size * C + cfg.num_hidden_layers * per_layer + C + head
+    if method == "full":  # the network itself, built on the meta device (no memory): every bias and norm counted
+        from model import Transformer
+
+        with torch.device("meta"):
+            return sum(p.numel() for p in Transformer(cfg).parameters())  # a tied head is the embedding: once
     raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
 
 

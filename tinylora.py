@@ -24,9 +24,10 @@ Choices: *paper* ("Learning to Reason in 13 Parameters"), *official* (its code, 
    in that stream, a tied group taking its first module's (*official*). Trained in fp32, stored fp32/bf16/fp16.
 6. Tying `tiled` (default, the paper's better order): depth order (layer 0's q, k, v, o, gate, up, down, then
    layer 1's, …) cut into runs of `tie`, the last one short (*paper*, *official*).
-7. Tying `structured`: type order (every layer's q, then every layer's k, …) cut into runs of `tie` (*ours*).
-8. Variants, one row each of VARIANTS. `verl` (default): the official merge's U R Σ Vᵀ, α = 32 (*official*: what the
-   sampler saw throughout; HEAD's trainer forward uses Rᵀ, which has the same law since Pᵀ ~ P).
+7. Tying `structured`: modules bucketed by type, each type's layers cut into runs of `tie` nearby layers, so
+   7 · ceil(L / tie) groups, none mixing types (*paper* §6.5, *official*; numbering type-major is ours).
+8. Variants, one row each of VARIANTS. `verl` (default): the official merge's U R Σ Vᵀ, α = 32 (*official*:
+   verl/utils/lora_utils.py; what the sampler saw; HEAD's trainer forward uses Rᵀ, the same law since Pᵀ ~ P).
 9. `paper`: W + U Σ R Vᵀ, R = Σ v_i P_i, no α (*paper*, read literally): for the same v its ΔW is α/√(r u) smaller
    in RMS (22.6 at α 32, r 2, u 1), so the paper's lr grid {1e-7 … 2e-4} is meant for verl. `peft`: (U√Σ) R (√Σ Vᵀ).
 10. LoRA-XS: u = r², P = the standard basis (R trains), tie = 1, R starts at 0 (*paper*); under verl (α/r) U R Σ Vᵀ
@@ -199,7 +200,8 @@ def groups(num_layers: int, n_types: int, tie: int, order: str = "tiled") -> lis
     n = num_layers * n_types
     if order == "tiled":
         return [k // tie for k in range(n)]
-    return [((k % n_types) * num_layers + k // n_types) // tie for k in range(n)]  # position in type order, cut
+    per_type = math.ceil(num_layers / tie)  # runs of `tie` nearby layers within each type
+    return [(k % n_types) * per_type + (k // n_types) // tie for k in range(n)]
 
 
 def draw(variant: str, u: int, r: int, seed: int, k: int, shape) -> tuple[torch.Tensor, torch.Tensor]:

@@ -479,7 +479,7 @@ def main(argv=None):
         alpha=args.alpha,
     )
     n = adapter.num_params()
-    want = export.count_params(cfg, args.method, args.r, args.u, args.tie, tinylora.TARGETS)
+    want = export.count_params(cfg, args.method, args.r, args.u, args.tie, tinylora.TARGETS, args.order)
     assert n == want, f"adapter has {n} trainable parameters but the flags imply {want}"
     # no weight gradients for frozen weights: only the adapter's tensors (every weight for method full) train
     frozen = [t for t in model.parameters() if not any(t is q for q in adapter.params) and args.method != "full"]

@@ -4,6 +4,7 @@ damaged files, transformers loading a merged checkpoint, PEFT loading the LoRA e
 counts and the Hub's parameter totals. Run: python -m pytest -q tests/test_export.py
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import export
-from export import BUILTIN_CONFIGS, count_params, load_adapter
+from export import BUILTIN_CONFIGS, count_params, load_adapter, read_config
 from model import load_model
 from tinylora import ADAPTER_LAYERS, DTYPES, attach
 
@@ -85,6 +86,10 @@ def test_count_cli_offline():
     cmd[-1] = "196"
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert "\n1 trainable parameter (" in out.stdout and "2 bytes in bf16" in out.stdout
+    cmd[-1:] = ["16", "--order", "structured"]  # 7 types x ceil(28 / 16) runs of layers
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "14 trainable parameters" in out.stdout and "order=structured" in out.stdout
     bad = subprocess.run(cmd[:2] + ["--model", "no/such-model"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "cannot read a config" in bad.stderr
 
@@ -248,3 +253,88 @@ def test_exported_peft_lora_loads_in_peft(ck, tmp_path, kw):
         with adapter.disabled():
             base = model(IDX)
     assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, base, atol=1e-2)
+
+
+# -----------------------------------------------------------------------------
+# real sizes: Qwen2.5-7B's widths (hidden 3584, intermediate 18944), layers cut
+
+
+class _Stub:
+    """Just enough of a model for fingerprint(): get_submodule(name).weight."""
+
+    def __init__(self, name, weight):
+        self.name, self.weight = name, weight
+
+    def get_submodule(self, name):
+        assert name == self.name
+        return self
+
+
+@pytest.fixture(scope="module")
+def real_width_model():
+    """A factory of 1-layer models at Qwen2.5-7B-Instruct's widths (64-token vocabulary), all sharing one set of
+    random bf16 weights. Each adapted linear gets two strong singular directions on top of N(0, 0.02²) noise, as
+    trained weights have: a flat random spectrum would only time the SVD's fallback."""
+    from model import Transformer, rope_inv_freq
+
+    cfg = dataclasses.replace(read_config(BUILTIN_CONFIGS["Qwen/Qwen2.5-7B-Instruct"])[0], num_hidden_layers=1)
+    cfg = dataclasses.replace(cfg, vocab_size=64)
+    with torch.device("meta"):
+        shapes = {k: t.shape for k, t in Transformer(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, shape in shapes.items():
+        w = torch.randn(shape, generator=g) * 0.02
+        if k.endswith("_proj.weight"):  # (d_out, d_in): + 40 u1 v1ᵀ + 25 u2 v2ᵀ
+            a, b = torch.randn(shape[0], 2, generator=g), torch.randn(shape[1], 2, generator=g)
+            w += (a / a.norm(dim=0)) * torch.tensor([40.0, 25.0]) @ (b / b.norm(dim=0)).T
+        sd[k] = w.to(torch.bfloat16)
+
+    def make():
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.inv_freq = rope_inv_freq(cfg)
+        return model
+
+    return make
+
+
+def test_fingerprint_probes_a_7b_down_proj():
+    """3584 x 18944 = 67,895,296 entries: the last probe must be the last entry, not one past it (fp32 cannot hold
+    67,895,295, so an fp32 linspace of indices rounds it up)."""
+    name = "model.layers.27.mlp.down_proj"
+    w = torch.randn(3584, 18944, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # (d_out, d_in)
+    fp = export.fingerprint(_Stub(name, w), [name])
+    flat = w.flatten()
+    n = flat.numel()
+    want = [(n - 1) * i // 7 for i in range(8)]  # 8 probes from the first entry to the last, exact integers
+    assert want[-1] == 67_895_295
+    assert fp["probes"][name] == [flat[i].float().item() for i in want]
+
+
+@pytest.mark.slow
+def test_attach_save_load_at_7b_widths(real_width_model, tmp_path):
+    """One layer at Qwen2.5-7B's widths, bf16: attach (SVDs, fingerprint of a 67.9M-entry down_proj), save, load
+    onto a fresh copy, same logits; and a copy with one probed weight changed is refused."""
+    model = real_width_model()
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids)
+        adapter = attach(model, u=2, tie=16)  # 7 modules, one v
+        assert torch.equal(model(ids), base)
+        set_v(adapter, scale=0.5)
+        want = model(ids)
+    assert adapter.num_params() == 2 and not torch.equal(want, base)
+    path = str(tmp_path / "a.safetensors")
+    adapter.save(path)
+    loaded = load_adapter(path, real_width_model())
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids), want)
+    other = real_width_model()
+    down = other.model.layers[0].mlp.down_proj
+    down.weight = torch.nn.Parameter(down.weight.detach().clone(), requires_grad=False)  # not the shared tensor
+    with torch.no_grad():
+        down.weight.view(-1)[-1] += 1.0  # the last entry of the last module: the last probe
+    with pytest.raises(ValueError, match="different base weights"):
+        load_adapter(path, other)

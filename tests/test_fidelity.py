@@ -15,8 +15,8 @@ norms are sign-invariant and need no alignment.
 
 The `verl` variant at its defaults (seed 0, α 32, exact SVD with canonical signs) reproduces the official P, v₀
 and α; with svd="lowrank" it reproduces the official pipeline value for value (test_official_pipeline_...).
-Tests marked xfail(strict=True) document where the `verl` variant still differs from the official code; whoever
-makes it match removes the mark. Run: python -m pytest -q tests/test_fidelity.py
+No difference is left to mark xfail; a future one gets xfail(strict=True) with its reason, so that whoever makes
+the variant match removes the mark. Run: python -m pytest -q tests/test_fidelity.py
 """
 
 import math
@@ -297,16 +297,6 @@ def delta_f32(m):
     return U @ M @ V.T
 
 
-# -----------------------------------------------------------------------------
-# where the verl variant still differs (each mark names the difference)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="structured tying: the verl variant cuts the type-major list of all modules into runs of `tie`, so a "
-    "group can span two module types when tie does not divide the layer count; the official code cuts each type "
-    "separately (7 * ceil(L / tie) groups)",
-)
 def test_structured_tying_groups_equal_official_with_a_remainder(make_checkpoint):
     ad = attach(make_checkpoint("qwen2", num_hidden_layers=3), r=2, u=1, tie=2, order="structured", svd="full")
     assert partition(ad) == official_groups(depth_order(3), 2, "structured")

@@ -94,9 +94,12 @@ def test_only_adapter_trains(ck, method):
     assert model(IDX).logsumexp(-1).mean() != loss  # and the step did change the model
 
 
-@pytest.mark.parametrize("family,tied", [("qwen2", False), ("llama", True), ("qwen3", False)])
-def test_full_finetuning_unfreezes_everything(make_checkpoint, family, tied):
-    ck = make_checkpoint(family, tied=tied)
+@pytest.mark.parametrize(
+    "family,tied,extra",
+    [("qwen2", False, {}), ("llama", True, {}), ("qwen3", False, {}), ("llama", False, dict(attention_bias=True))],
+)
+def test_full_finetuning_unfreezes_everything(make_checkpoint, family, tied, extra):
+    ck = make_checkpoint(family, tied=tied, **extra)  # Llama's attention_bias covers o_proj too
     model = fresh(ck)
     adapter = attach(model, method="full")
     assert adapter.num_params() == sum(p.numel() for p in set(model.parameters()))
@@ -175,7 +178,14 @@ def test_grad_matches_finite_differences_one_layer(kw):
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(method="tinylora", u=3, tie=5), dict(method="loraxs", r=3), dict(method="lora", r=3)]
+    "kw",
+    [
+        dict(method="tinylora", u=3, tie=5),
+        dict(method="tinylora", u=3, tie=5, order="structured"),
+        dict(method="loraxs", r=3, tie=2, order="structured"),
+        dict(method="loraxs", r=3),
+        dict(method="lora", r=3),
+    ],
 )
 def test_count_matches_attached_model(ck, kw):
     model = fresh(ck)
@@ -184,26 +194,45 @@ def test_count_matches_attached_model(ck, kw):
     assert count_params(ck, **kw) == want == adapter.num_params()
 
 
-def test_tied_groups_module_by_module(ck):
-    """2 layers x 7 targets = 14 modules, tie = 3: groups written out by hand for both orders."""
-    L0, L1 = "model.layers.0.", "model.layers.1."
-    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
-    names += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    tiled = dict(zip([L0 + n for n in names] + [L1 + n for n in names], [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4]))
-    # structured: q0 q1 k0 | k1 v0 v1 | o0 o1 g0 | g1 u0 u1 | d0 d1
-    structured = {L0 + "self_attn.q_proj": 0, L1 + "self_attn.q_proj": 0, L0 + "self_attn.k_proj": 0,
-                  L1 + "self_attn.k_proj": 1, L0 + "self_attn.v_proj": 1, L1 + "self_attn.v_proj": 1,
-                  L0 + "self_attn.o_proj": 2, L1 + "self_attn.o_proj": 2, L0 + "mlp.gate_proj": 2,
-                  L1 + "mlp.gate_proj": 3, L0 + "mlp.up_proj": 3, L1 + "mlp.up_proj": 3,
-                  L0 + "mlp.down_proj": 4, L1 + "mlp.down_proj": 4}  # fmt: skip
-    for order, want in (("tiled", tiled), ("structured", structured)):
-        model = fresh(ck)
-        adapter = attach(model, u=2, tie=3, order=order)
-        assert len(adapter.params) == 5 and adapter.num_params() == 10
-        assert [n for n, _ in adapter.modules] == list(tiled)  # depth order
+def test_tied_groups_module_by_module(make_checkpoint):
+    """3 layers x 7 targets = 21 modules, tie = 2: groups written out by hand for both orders."""
+    types = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    types += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    depth = [f"model.layers.{i}.{t}" for i in range(3) for t in types]
+    tiled = dict(zip(depth, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10]))
+    # structured: each type on its own, cut into runs of 2 nearby layers: q0 q1 | q2 || k0 k1 | k2 || …
+    by_type = {"q_proj": [0, 0, 1], "k_proj": [2, 2, 3], "v_proj": [4, 4, 5], "o_proj": [6, 6, 7],
+               "gate_proj": [8, 8, 9], "up_proj": [10, 10, 11], "down_proj": [12, 12, 13]}  # fmt: skip
+    structured = {n: by_type[n.rsplit(".", 1)[1]][int(n.split(".")[2])] for n in depth}
+    ck3 = make_checkpoint("qwen2", num_hidden_layers=3)
+    for order, want, n_groups in (("tiled", tiled, 11), ("structured", structured, 14)):
+        model = fresh(ck3)
+        adapter = attach(model, u=2, tie=2, order=order)
+        assert len(adapter.params) == n_groups and adapter.num_params() == 2 * n_groups
+        assert count_params(ck3, u=2, tie=2, order=order) == 2 * n_groups
+        assert [n for n, _ in adapter.modules] == depth  # depth order
         for name, module in adapter.modules:
             assert module.v is adapter.params[want[name]], (order, name)
             assert model.get_submodule(name) is module
+
+
+def test_structured_tying_on_qwen25_7b():
+    """§6.5's structured tying at tie 16 on Qwen2.5-7B's 28 layers (config only): 7 types x ceil(28 / 16) = 14
+    groups, each one type and a run of nearby layers (16, then the remaining 12)."""
+    from export import BUILTIN_CONFIGS
+
+    names = tinylora.module_names(28)
+    members = {}
+    for name, g in zip(names, tinylora.groups(28, 7, 16, "structured")):
+        members.setdefault(g, []).append(name)
+    assert len(members) == 14
+    for group in members.values():
+        assert len({n.rsplit(".", 1)[1] for n in group}) == 1, group  # one type
+        layers = [int(n.split(".")[2]) for n in group]
+        assert layers in (list(range(16)), list(range(16, 28))), group
+    cfg = BUILTIN_CONFIGS["Qwen/Qwen2.5-7B-Instruct"]
+    assert count_params(cfg, u=1, tie=16, order="structured") == 14
+    assert count_params(cfg, u=1, tie=16, order="tiled") == 13  # the paper's headline is tiled
 
 
 def test_targets_restrict(ck):
