@@ -211,6 +211,15 @@ def test_P_is_drawn_as_official(ck):
         assert torch.equal(m.P.cpu(), official_draws(m.out_features, m.in_features, 2, 3)[0]), name
 
 
+@pytest.mark.parametrize("shape", [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (64, 32)])
+@pytest.mark.parametrize("u", [1, 3, 16])
+def test_draws_equal_official_at_7b_widths(shape, u):
+    """tinylora.draw on its private generator = the official global-RNG sequence, for Qwen2.5-7B's shapes."""
+    P, v0 = tinylora.draw("verl", u, 2, 0, 5, shape)
+    P2, v02 = official_draws(*shape, 2, u)
+    assert torch.equal(P, P2) and torch.equal(v0, v02)
+
+
 def test_v_init_is_official(ck):
     """Each tied group starts from its first module's official v₀ (they are all one vector here: see P)."""
     ad = attach(ck, r=2, u=3, tie=3)
