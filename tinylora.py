@@ -110,7 +110,8 @@ class TinyLoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.enabled = True
         self.variant, self.spec, self.r, self.u = variant, VARIANTS[variant], r, P.shape[0]
-        self.scale = 1.0 if alpha is None else alpha / r  # α / r where the variant scales (choice 8)
+        alpha = self.spec.alpha if alpha is None else alpha  # the variant's default α (choice 8; None: no scale)
+        self.scale = 1.0 if alpha is None else alpha / r
         self.sqrt_u = self.spec.sqrt_u if sqrt_u is None else sqrt_u  # LoRA-XS under verl: no √u (choice 10)
         U, S, V = USV or top_svd(base.weight, r, svd or self.spec.svd, self.spec.sign)  # attach() precomputes them
         if self.spec.sigma == "split":  # √Σ on both sides, folded into the frozen factors as PEFT stores them
