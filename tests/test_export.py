@@ -777,7 +777,8 @@ def test_attach_save_load_at_7b_widths(real_width_model, tmp_path):
     ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = model(ids)
-        adapter = attach(model, u=2, tie=16)  # 7 modules, one v
+        adapter = attach(model, u=2, tie=16)  # 7 modules, one v (verl: it starts at the official v₀ ~ N(0, 1e-5²))
+        adapter.params[0].zero_()
         assert torch.equal(model(ids), base)
         set_v(adapter, scale=0.5)
         want = model(ids)

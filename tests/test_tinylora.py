@@ -38,10 +38,12 @@ def ck(make_checkpoint):
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(),
-        dict(u=4, tie=3, order="structured"),
+        dict(),  # verl: starts from the official v₀ ~ N(0, 1e-5²), so it is set to zero first
+        dict(variant="paper"),
+        dict(variant="paper", u=4, tie=3, order="structured"),
         dict(variant="peft", u=2),
         dict(method="loraxs"),
+        dict(method="loraxs", variant="paper"),
         dict(method="lora", r=4),
     ],
 )
@@ -51,6 +53,10 @@ def test_zero_update_is_bitwise_base(ck, kw, dtype):
     with torch.no_grad():
         base = model(IDX)
         adapter = attach(model, **kw)
+        if adapter.variant == "verl" and adapter.method == "tinylora":
+            assert all(0 < p.abs().max() < 1e-4 for p in adapter.params)  # choice 5: the official start
+            for p in adapter.params:
+                p.zero_()
         assert torch.equal(model(IDX), base)
         set_v(adapter)  # now it differs, and disabled() gives the base back exactly
         assert not torch.allclose(model(IDX).float(), base.float(), atol=1e-3)
@@ -104,17 +110,20 @@ def test_full_finetuning_unfreezes_everything(make_checkpoint, family, tied, ext
             pass
 
 
-@pytest.mark.parametrize("kw", [dict(u=3, tie=4), dict(variant="verl", u=2, tie=14), dict(method="loraxs")])
+@pytest.mark.parametrize(
+    "kw", [dict(variant="paper", u=3, tie=4), dict(u=2, tie=14), dict(method="loraxs"), dict(method="loraxs", u=1)]
+)
 def test_grad_matches_finite_differences(ck, kw):
     model = fresh(ck, torch.float64)
     adapter = attach(model, **kw)
-    set_v(adapter, scale=0.3)
+    k = adapter.modules[0][1].scale  # verl's α / r = 16: the same ΔW from 16x smaller v (and steps h), exact in fp32
+    set_v(adapter, scale=0.3 / k)
     w = torch.randn(2, 11, model.cfg.vocab_size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     loss_fn = lambda: (model(IDX) * w).sum()  # noqa: E731
     loss_fn().backward()
     # model.py's RMSNorm runs in fp32 even in a float64 model, so the loss carries ~1e-7 relative noise: use a
     # large step and Richardson extrapolation (error O(h⁴)) rather than a tiny step
-    h = 2.0**-6  # exact in fp32, where v lives
+    h = 2.0**-6 / k  # exact in fp32, where v lives
 
     def central(p, i, h):
         with torch.no_grad():
@@ -133,7 +142,9 @@ def test_grad_matches_finite_differences(ck, kw):
             assert abs(fd - p.grad.view(-1)[i].item()) <= 1e-3 * scale, (i, fd, p.grad.view(-1)[i])
 
 
-@pytest.mark.parametrize("kw", [dict(u=3), dict(variant="verl", u=2), dict(variant="peft", u=2), dict(method="loraxs")])
+@pytest.mark.parametrize(
+    "kw", [dict(u=3), dict(variant="paper", u=2), dict(variant="peft", u=2), dict(method="loraxs", variant="paper")]
+)
 def test_grad_matches_finite_differences_one_layer(kw):
     """One adapted linear, all float64: finite differences agree to ~1e-9."""
     from model import Config, Transformer
@@ -142,8 +153,9 @@ def test_grad_matches_finite_differences_one_layer(kw):
     cfg = Config(num_hidden_layers=1, hidden_size=32, intermediate_size=48, num_attention_heads=4, vocab_size=50)
     model = Transformer(cfg).double()
     adapter = attach(model, targets=("down_proj",), **kw)
-    set_v(adapter, scale=0.3)
     layer = adapter.modules[0][1]
+    k, h = layer.scale, 2.0**-12 / layer.scale  # verl: 16x smaller v and steps (exact in fp32) give the same ΔW
+    set_v(adapter, scale=0.3 / k)
     x = torch.randn(5, 48, dtype=torch.float64)
     w = torch.randn(5, 32, dtype=torch.float64)
     loss_fn = lambda: (torch.tanh(layer(x)) * w).sum()  # noqa: E731
@@ -152,12 +164,12 @@ def test_grad_matches_finite_differences_one_layer(kw):
     for i in range(p.numel()):
         with torch.no_grad():
             x0 = p[i].item()
-            p[i] = x0 + 2.0**-12
+            p[i] = x0 + h
             up = loss_fn().item()
-            p[i] = x0 - 2.0**-12
+            p[i] = x0 - h
             down = loss_fn().item()
             p[i] = x0
-        fd = (up - down) / 2.0**-11
+        fd = (up - down) / (2 * h)
         assert abs(fd - p.grad[i].item()) <= 1e-6 * max(1.0, abs(fd)), (i, fd, p.grad[i])
 
 
@@ -308,5 +320,85 @@ def test_each_variant_is_its_formula(variant):
     got = (Um @ M @ Vm.T).double()
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max()), (got - want).abs().max()
     std = {"paper": 2**-0.5, "peft": 2**-0.5, "verl": 1.0}[variant]  # P's law, from a large draw of the same code
-    big = tinylora.make_P(20000, 2, 0, variant)
+    big, v0 = tinylora.draw(variant, 20000, 2, 0, 0, (32, 48))
     assert abs(big.std().item() - std) < 0.01
+    assert abs(v0.std().item() - (1e-5 if variant == "verl" else 0.0)) < 1e-7  # choice 5
+
+
+def test_loraxs_forms(ck):
+    """LoRA-XS: R = v.view(r, r) trains; paper form U Σ R Vᵀ, verl form (α/r) U R Σ Vᵀ without the √u."""
+    for variant in ("paper", "verl"):
+        adapter = attach(fresh(ck), method="loraxs", variant=variant, svd="full")
+        set_v(adapter, scale=0.3)
+        for _, m in adapter.modules[:3]:
+            U, S, V, R = m.U.double(), torch.diag(m.S.double()), m.V.double(), m.v.detach().double().view(2, 2)
+            want = U @ S @ R @ V.T if variant == "paper" else 16.0 * U @ R @ S @ V.T  # α / r = 32 / 2
+            Um, M, Vm = m.lowrank()
+            assert torch.allclose((Um @ M @ Vm.T).double(), want, rtol=1e-5, atol=1e-6 * want.abs().max())
+
+
+def test_lora_alpha_defaults_to_the_official_32(ck):
+    adapter = attach(fresh(ck), method="lora", r=4)
+    assert adapter.alpha == 32.0 and all(m.scale == 8.0 for _, m in adapter.modules)
+    set_v(adapter, scale=0.1)
+    m = adapter.modules[0][1]
+    U, M, V = m.lowrank()
+    assert torch.allclose(U @ M @ V.T, 8.0 * m.B @ m.A, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("u", [1, 4])
+def test_verl_over_paper_is_alpha_over_sqrt_ru_in_rms(u):
+    """The same v under both variants, over many seeds of P: E||ΔW_verl||² / E||ΔW_paper||² = α² / (r u), i.e. the
+    paper's lr grid moves ΔW α / √(r u) times further under verl (22.6 at α 32, r 2, u 1; choice 9)."""
+    from svd import top_svd
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 16, generator=g)
+    base, USV, v = torch.nn.Linear(16, 24), top_svd(W, 2, "full"), torch.randn(u, generator=g)
+    mods = {name: tinylora.TinyLoRALinear(base, 2, torch.zeros(u, 2, 2), v, name, alpha=a, USV=USV)
+            for name, a in (("paper", None), ("verl", 32.0))}  # fmt: skip
+    sq = {name: 0.0 for name in mods}
+    for seed in range(10000):
+        for name, m in mods.items():
+            m.P = tinylora.draw(name, u, 2, seed, 0, W.shape)[0]
+            U, M, V = m.lowrank()
+            sq[name] += M.square().sum().item()  # = ||U M Vᵀ||²_F: U, V orthonormal
+    want = 32.0**2 / (2 * u)
+    assert abs(sq["verl"] / sq["paper"] / want - 1) < 0.05, (sq["verl"] / sq["paper"], want)
+
+
+def test_full_finetuning_in_bf16_keeps_fp32_masters(ck):
+    """Adam steps of 1e-6 of the weights' size round away in bf16 (spacing ~2⁻⁸ relative): trained directly, the
+    bf16 weights hardly move; through the fp32 masters (choice 11) each step lands, and the model's weights are
+    the masters rounded to bf16."""
+    steps = 8
+
+    def train(masters: bool):
+        model = fresh(ck, torch.bfloat16)
+        start = [w.detach().float().clone() for w in dict.fromkeys(model.parameters())]
+        if masters:
+            adapter = attach(model, method="full")
+            params = adapter.params
+        else:
+            params = [w.requires_grad_(True) for w in dict.fromkeys(model.parameters())]
+        lr = 1e-6 * torch.cat([w.abs().flatten() for w in start]).mean().item()
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        if masters:
+            opt.register_step_post_hook(lambda *_: adapter.masters_to_model())  # as train.py does
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            model(IDX).float().logsumexp(-1).mean().backward()
+            opt.step()
+        if masters:
+            assert all(p.dtype == torch.float32 and p.grad is not None for p in params)
+            assert all(w.grad is None for w in model.parameters())  # each gradient moved to its master
+            for w, m in zip(dict.fromkeys(model.parameters()), params):
+                assert torch.equal(w, m.to(torch.bfloat16))
+        moved = torch.cat([(p.detach().float() - s).abs().flatten() for p, s in zip(params, start)])
+        live = torch.cat([(p.grad != 0).flatten() for p in params])  # not the embedding rows of unseen tokens
+        return moved[live] / (steps * lr)
+
+    with_masters, without = train(True), train(False)
+    assert with_masters.median() > 0.9  # each step moved its weight by ~lr, in a consistent direction
+    assert (with_masters > 0.5).float().mean() > 0.95
+    assert without.median() == 0 and (without > 0).float().mean() < 0.05  # rounded away, but for tiny weights

@@ -252,6 +252,7 @@ def test_off_policy_kl_and_other_loss_flags(tiny, tmp_path):
     """mu = 2 updates per batch (explicit pi_old), the k3 KL, seq-mean, Dr. GRPO, checkpointing, bf16 storage."""
     out = tmp_path / "run"
     flags = ["--mu", 2, "--kl", 0.1, "--agg", "seq-mean", "--no-std", "--grad-checkpointing", "--v-dtype", "bf16"]
+    flags += ["--variant", "paper"]  # v starts at 0 (verl: at the official v₀ ~ 1e-5), so KL is 0 before a signal
     run(base_args(tiny, out, "--max-steps", 4, "--eval-limit", 1, *flags))
     steps = records(out)
     assert len(steps) == 4 and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in steps)
