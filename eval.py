@@ -21,8 +21,8 @@ Choices, each marked *paper*, *official* or *ours*:
    the unweighted average is the mean of the seven accuracies (the paper's "average" column), with no interval.
 4. Examples are batched in order of prompt length (longest first) so a batch wastes little padding; results are
    written back in the dataset's order (*ours*).
-5. All bad input (unknown dataset or suite, missing or malformed file, bad --limit, missing adapter file) is reported
-   before the model loads (*ours*).
+5. All bad input (unknown dataset or suite, missing or malformed file, bad --limit, missing adapter) is reported
+   before the model loads (*ours*); --adapter user/repo downloads the repo's adapter.safetensors first.
 6. --max-new-tokens defaults to training's response length for the task (*official*: 4,096 for GSM8K, 3,072 for
    MATH; data.response_tokens), so an evaluation does not cut answers the model was trained to give.
 7. The prompt style is stamped into the examples by the loader (data.load_dataset(style=)), so prompt and grader
@@ -234,7 +234,7 @@ def positive_int(s: str) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate with strict/flexible/official (GSM8K) or boxed (MATH) grading.")
     p.add_argument("--model", required=True, help="local Hugging Face folder or Hub id")
-    p.add_argument("--adapter", default=None, help="a tinylora adapter file (export.load_adapter)")
+    p.add_argument("--adapter", default=None, help="a tinylora adapter file, run folder, or Hub repo (user/repo)")
     # data
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--dataset", default=None, help=f"one of {', '.join(data.DATASETS)}, or a local file")
@@ -289,8 +289,12 @@ def main(argv=None):
             )
     except ValueError as e:
         raise SystemExit(f"eval.py: {e}") from None
-    if args.adapter and not os.path.isfile(args.adapter):
-        raise SystemExit(f"eval.py: adapter file {args.adapter!r} does not exist")
+    import export  # an adapter file, run folder or Hub repo (downloaded now, before the model loads)
+
+    try:
+        adapter = export.find_adapter(args.adapter) if args.adapter else None
+    except ValueError as e:
+        raise SystemExit(f"eval.py: {e}") from None
     tag = os.path.basename(os.path.normpath(args.model))
     # 2) model (+ adapter)
     import torch
@@ -299,10 +303,8 @@ def main(argv=None):
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     net, tok = M.load_model(args.model, dtype=dtype, device=args.device), M.Tokenizer(args.model)
-    if args.adapter:
-        import export
-
-        export.load_adapter(args.adapter, net)
+    if adapter:
+        export.load_adapter(adapter, net)
     # 3) generate, grade, report
     t0 = time.time()
     template_vars = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking}

@@ -450,7 +450,14 @@ class StaticDecode:
             return self.compiled(self.key_mask[:, :S])
         if self.graph is None or self.graph[0] != S:
             self.graph = None  # free the last bucket's graph and its memory before capturing the next
-            self.graph = (S, *self.capture(S))
+            try:
+                self.graph = (S, *self.capture(S))
+            except RuntimeError as e:  # a capture this GPU/driver refuses costs speed, never the run: same math eagerly
+                warnings.warn(
+                    f"CUDA-graph capture failed ({str(e)[:200]}); decoding eagerly (decode='static')", stacklevel=2
+                )
+                self.how = "static"
+                return self.forward(self.key_mask[:, :S])
         _, graph, logits = self.graph
         graph.replay()
         return logits

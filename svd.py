@@ -9,10 +9,10 @@ Choices:
 1. `svd="full"`: `torch.linalg.svd` of the whole matrix, truncated: the obvious reference (PEFT's) (*ours*).
 2. `svd="fast"` (default): block Lanczos on the smaller Gram matrix, so only ~30 products with W per matrix;
    deterministic (fixed start block), fp64 basis (*ours*). Figures: docs/BENCHMARKS.md §4.
-3. `svd="lowrank"`: `torch.svd_lowrank(q=r, niter=10)` under seed 0, the official code's call (*official*);
-   with q = r it can miss the top-r subspace of real weights.
+3. `svd="lowrank"`: the official call, `torch.svd_lowrank(Wᵀ, q=r, niter=10)` on CPU after seeding 42, raw signs
+   (*official*). With q = r and no oversampling it can miss the top-r subspace of real weights (dev/bench_svd.py).
 4. Singular vectors are defined up to sign: `canonical_sign` makes the largest-|.| entry of each column of U
-   positive and flips V's column with it, so one v rebuilds one W' on any machine and library (*ours*).
+   positive and flips V's column with it, so one v rebuilds one W' on any machine and library (*ours*; not lowrank).
 
 Letters: m × n the shape of W, d = min(m, n), b the Krylov block width, k the basis width.
 """
@@ -22,6 +22,7 @@ import contextlib
 import torch
 
 SVDS = ("fast", "full", "lowrank")
+LOWRANK_SEED = 42  # the official code's random_state, set again before every module's svd_lowrank
 
 
 def canonical_sign(U, V):
@@ -33,15 +34,18 @@ def canonical_sign(U, V):
 
 
 def top_svd(W, r: int, svd: str = "fast", sign: bool = True):
-    """U (d_out, r), S (r,), V (d_in, r) in fp32 with W ≈ U diag(S) Vᵀ on the top r singular values."""
+    """U (d_out, r), S (r,), V (d_in, r) in fp32 with W ≈ U diag(S) Vᵀ on the top r singular values.
+    `sign`: canonical signs (choice 4) for the exact solvers; "lowrank" keeps the official call's raw signs."""
     W = W.detach().float()
     if svd == "full":  # the reference: tests/test_svd.py checks the fast path against it
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         U, S, V = U[:, :r], S[:r], Vh[:r].T
-    elif svd == "lowrank":  # the official code's call; fork the RNG so the global stream is untouched
-        with torch.random.fork_rng(devices=[W.device] if W.is_cuda else []):
-            torch.manual_seed(0)
-            U, S, V = torch.svd_lowrank(W, q=r, niter=10)
+    elif svd == "lowrank":  # choice 3: the official call, its start matrix from the CPU stream; global RNG untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(LOWRANK_SEED)
+            V, S, U = torch.svd_lowrank(W.cpu().T, q=r, niter=10)  # of Wᵀ (d_in, d_out): its U is W's V
+        U, S, V = U.to(W.device), S.to(W.device), V.to(W.device)
+        sign = False  # the official signs: the official ΔW depends on them through P
     elif svd == "fast":
         U, S, V = top_svd_krylov(W, r)
     else:
@@ -100,8 +104,8 @@ def top_svd_krylov(W, r: int, block: int = 4, tol: float = 1e-6, info: dict | No
     m, n = W.shape
     rows = m < n  # work in the smaller dimension d
     d = m if rows else n
-    Wt = W.T
-    apply = (lambda X: W @ (Wt @ X)) if rows else (lambda X: Wt @ (W @ X))  # Gram product: (d, b) -> (d, b)
+    WtX = lambda X: (X.T @ W).T  # Wᵀ X, (n, b): on CPU a product with the transposed view is 5-20x slower
+    apply = (lambda X: W @ WtX(X)) if rows else (lambda X: WtX(W @ X))  # Gram product: (d, b) -> (d, b)
     b = min(block, d)
     g = torch.Generator().manual_seed(0)
     X, _ = torch.linalg.qr(torch.randn(d, b, generator=g, dtype=torch.float64).to(W.device))  # (d, b)
@@ -128,7 +132,7 @@ def top_svd_krylov(W, r: int, block: int = 4, tol: float = 1e-6, info: dict | No
     Q = Q.flip(1).float()  # (d, r), descending
     # the other side from one product with W: W v_j = σ_j u_j
     if rows:
-        WtU = Wt @ Q  # (n, r)
+        WtU = WtX(Q)  # (n, r)
         S = WtU.norm(dim=0)
         return Q, S, WtU / S.clamp(min=1e-30)
     WV = W @ Q  # (m, r)

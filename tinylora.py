@@ -1,30 +1,41 @@
 """
 TinyLoRA (and the baselines it is compared with): adapt a frozen linear layer W with a handful of numbers.
 
-    R  = Σ_i v_i P_i                          # (r, r): v ∈ R^u is all that trains, P_i are fixed random
-    ΔW = U Σ R Vᵀ                             # (d_out, d_in), rank ≤ r: U Σ Vᵀ is the top-r SVD of W, frozen
-    y  = x Wᵀ + b + ((x V) (Σ R)ᵀ) Uᵀ          # the low-rank path never forms ΔW
+    R  = Σ_i v_i P_i / √u                     # (r, r): v ∈ R^u is all that trains, P_i are fixed random
+    ΔW = (α/r) U R Σ Vᵀ                       # (d_out, d_in), rank ≤ r: U Σ Vᵀ is the top-r SVD of W, frozen
+    y  = x Wᵀ + b + ((x V) Mᵀ) Uᵀ             # M = (α/r) R Σ: the low-rank path never forms ΔW
 
-Every adapter module exposes its update as `lowrank() -> (U, M, V)` with ΔW = U M Vᵀ (M = Σ R here): the
-sampler's kernel, merging and export.py consume that one form. `tie` modules share one v, so 196 adapted
-matrices (Qwen2.5-7B) train ceil(196 / tie) · u numbers: `--u 1 --tie 16` is the paper's 13.
+That is the default `verl` variant, the official code's update; the paper writes ΔW = U Σ R Vᵀ (choice 9).
+Every adapter module exposes its update as `lowrank() -> (U, M, V)` with ΔW = U M Vᵀ: the sampler's kernel,
+merging and export.py consume that one form. `tie` modules share one v, so 196 adapted matrices (Qwen2.5-7B)
+train ceil(196 / tie) · u numbers: `--u 1 --tie 16` is the paper's 13.
 
 Choices: *paper* ("Learning to Reason in 13 Parameters"), *official* (its code, jxmorris12/verl-lora), *ref*
 (PEFT's TinyLoraConfig), *ours* (the paper is silent):
 1. r = 2; the top-r SVD is taken once, in fp32, of the weights as loaded, then frozen (*paper*); svd.py: how.
-2. P_i ~ N(0, 1/r) entrywise (*ours*: the paper gives no law; 1/r is PEFT's, so a learning rate carries over).
-3. Module k's P comes from a CPU generator seeded `seed * 1_000_003 + k` (depth order), so a file needs only v,
-   the seed and the settings (*ours*; `peft`: `seed + k`, *ref*).
-4. v starts at zero: step 0 is exactly the base model (*paper*); trained in fp32, stored in fp32/bf16/fp16 (*paper*).
-5. Tying `tiled` (default, the paper's better order): depth order (layer 0's q, k, v, o, gate, up, down, then
+   verl's default is our exact top-r SVD with canonical signs: without the official randomized SVD there are no
+   official signs to match, and canonical ones rebuild one W' on any machine (*ours*); svd="lowrank": official.
+2. P_i ~ N(0, 1) entrywise for verl (*official*); N(0, 1/r) for paper and peft (*ours*, *ref*: PEFT's law).
+3. verl: module k's P and v₀ come from a private CPU generator seeded 42 + seed that first skips the official
+   stream's svd_lowrank start matrix (min(d_out, d_in), r) and a randn(u) (*official* at seed 0; global RNG untouched).
+   So, as officially, modules with the same min(d_out, d_in) get the same P (Qwen2.5-7B: q, o, gate, up, down; k, v).
+4. paper/peft: module k's P from a generator seeded `seed * 1_000_003 + k` (*ours*; `peft`: seed + k, *ref*).
+5. v₀: zero for paper and peft, so step 0 is exactly the base model (*paper*); verl: N(0, 1e-5²), drawn after P
+   in that stream, a tied group taking its first module's (*official*). Trained in fp32, stored fp32/bf16/fp16.
+6. Tying `tiled` (default, the paper's better order): depth order (layer 0's q, k, v, o, gate, up, down, then
    layer 1's, …) cut into runs of `tie`, the last one short (*paper*, *official*).
-6. Tying `structured`: type order (every layer's q, then every layer's k, …) cut into runs of `tie` (*ours*).
-7. Variants, one row each of VARIANTS: `paper` W + U Σ R Vᵀ (*paper*); `peft` W + (U√Σ) R (√Σ Vᵀ) (*ref*);
-   `verl` W + (α/r) U R Σ Vᵀ, R / √u, P ~ N(0, 1), v ~ N(0, 1e-5²) (*official*, as described to us).
-8. LoRA-XS: u = r², P = the standard basis (R trains), tie = 1 (*paper*). LoRA: A kaiming-uniform, B = 0,
-   ΔW = (α/r) B A, α = r by default (*ours*). `full` unfreezes every base weight.
-9. Trainable tensors live in the `Adapter`, not the model's state_dict, so base keys stay the checkpoint's
-   (*ours*). Attach after moving the model to its device. Files out (save, merge, export, counts): export.py.
+7. Tying `structured`: modules bucketed by type, each type's layers cut into runs of `tie` nearby layers, so
+   7 · ceil(L / tie) groups, none mixing types (*paper* §6.5, *official*; numbering type-major is ours).
+8. Variants, one row each of VARIANTS. `verl` (default): the official merge's U R Σ Vᵀ, α = 32 (*official*:
+   verl/utils/lora_utils.py; what the sampler saw; HEAD's trainer forward uses Rᵀ, the same law since Pᵀ ~ P).
+9. `paper`: W + U Σ R Vᵀ, R = Σ v_i P_i, no α (*paper*, read literally): for the same v its ΔW is α/√(r u) smaller
+   in RMS (22.6 at α 32, r 2, u 1), so the paper's lr grid {1e-7 … 2e-4} is meant for verl. `peft`: (U√Σ) R (√Σ Vᵀ).
+10. LoRA-XS: u = r², P = the standard basis (R trains), tie = 1, R starts at 0 (*paper*); under verl (α/r) U R Σ Vᵀ
+    without the √u (*official*). LoRA: A kaiming-uniform, B = 0, ΔW = (α/r) B A, α = 32 (*official*: every script).
+11. `full` trains every base weight; in a 16-bit model through fp32 master copies (the Adapter's params), so steps
+    of 1e-6 relative size accumulate instead of rounding away (*ours*). train.py calls masters_to_model().
+12. Trainable tensors live in the `Adapter`, not the model's state_dict, so base keys stay the checkpoint's
+    (*ours*). Attach after moving the model to its device. Files out (save, merge, export, counts): export.py.
 
 Letters: r rank, u size of v, L layers, d_out × d_in the shape of W; U, S (= Σ), V, P, R, M as above.
 """
@@ -47,29 +58,42 @@ ORDERS = ("tiled", "structured")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # storage precision of v
 
 
+OFFICIAL_SEED = 42  # the official code reseeds its global CPU RNG with this before every module (choice 3)
+OFFICIAL_ALPHA = 32.0  # lora_alpha in every official training script (choices 8 and 10)
+
+
 def spread_seed(seed: int, k: int) -> int:
-    return seed * 1_000_003 + k  # choice 3: adapters with nearby seeds share no module's P
+    return seed * 1_000_003 + k  # choice 4: adapters with nearby seeds share no module's P
+
+
+def peft_seed(seed: int, k: int) -> int:
+    return seed + k  # PEFT's projection_seed + module index (*ref*)
+
+
+def official_seed(seed: int, k: int) -> int:
+    return OFFICIAL_SEED + seed  # choice 3: the same for every module, as officially; seed 0 is the official draw
 
 
 @dataclass(frozen=True)
 class Variant:
-    """Everything in which the readings of TinyLoRA differ (choice 7); the builders and lowrank() read only this."""
+    """Everything in which the readings of TinyLoRA differ (choices 2-5, 8, 9): builders and lowrank() read this."""
 
-    svd: str  # which top-r SVD (svd.py)
-    sign: bool  # canonical signs for the singular vectors (svd.canonical_sign)
+    svd: str  # which top-r SVD by default (svd.py)
+    sign: bool  # canonical signs for the singular vectors (svd.canonical_sign; not for svd="lowrank")
     P_std: Callable[[int], float]  # P_i ~ N(0, P_std(r)²) entrywise
-    P_seed: Callable[[int, int], int]  # (adapter seed, module index) -> the seed of that module's P
+    P_seed: Callable[[int, int], int]  # (adapter seed, module index) -> the seed of that module's generator
+    official: bool  # the generator replays the official stream: start matrix, randn(u), P, then v₀ (choice 3)
     sigma: str  # where Σ sits: "left" Σ R, "right" R Σ, "split" √Σ R √Σ (folded into U and V)
     sqrt_u: bool  # R = Σ_i v_i P_i / √u
-    scaled: bool  # ΔW carries α / r (α = r unless given)
+    alpha: float | None  # ΔW carries α / r with this default α (None: no scale)
     v_std: float  # v's initial standard deviation (0: the base model at step 0)
 
 
-VARIANTS = {  # choice 7: one row per reading of TinyLoRA, columns as in Variant
-    #                svd        sign   P_std              P_seed                    sigma    sqrt_u scaled v_std
-    "paper": Variant("fast",    True,  lambda r: r**-0.5, spread_seed,              "left",  False, False, 0.0),
-    "peft":  Variant("full",    False, lambda r: r**-0.5, lambda seed, k: seed + k, "split", False, False, 0.0),
-    "verl":  Variant("lowrank", True,  lambda r: 1.0,     spread_seed,              "right", True,  True,  1e-5),
+VARIANTS = {  # choices 8 and 9: one row per reading of TinyLoRA, columns as in Variant
+    #                svd     sign   P_std              P_seed         official sigma    sqrt_u alpha           v_std
+    "verl":  Variant("fast", True,  lambda r: 1.0,     official_seed, True,    "right", True,  OFFICIAL_ALPHA, 1e-5),
+    "paper": Variant("fast", True,  lambda r: r**-0.5, spread_seed,   False,   "left",  False, None,           0.0),
+    "peft":  Variant("full", False, lambda r: r**-0.5, peft_seed,     False,   "split", False, None,           0.0),
 }  # fmt: skip
 
 
@@ -80,13 +104,15 @@ VARIANTS = {  # choice 7: one row per reading of TinyLoRA, columns as in Variant
 class TinyLoRALinear(nn.Module):
     """A frozen nn.Linear plus W' = W + U M(v) Vᵀ. Covers TinyLoRA's variants and LoRA-XS (P = basis)."""
 
-    def __init__(self, base: nn.Linear, r, P, v, variant="paper", svd=None, alpha=None, USV=None):
+    def __init__(self, base: nn.Linear, r, P, v, variant="verl", svd=None, alpha=None, USV=None, sqrt_u=None):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias  # the same frozen Parameters: state_dict keys unchanged
         self.in_features, self.out_features = base.in_features, base.out_features
         self.enabled = True
         self.variant, self.spec, self.r, self.u = variant, VARIANTS[variant], r, P.shape[0]
-        self.scale = 1.0 if alpha is None else alpha / r  # α / r where the variant scales (choice 7)
+        alpha = self.spec.alpha if alpha is None else alpha  # the variant's default α (choice 8; None: no scale)
+        self.scale = 1.0 if alpha is None else alpha / r
+        self.sqrt_u = self.spec.sqrt_u if sqrt_u is None else sqrt_u  # LoRA-XS under verl: no √u (choice 10)
         U, S, V = USV or top_svd(base.weight, r, svd or self.spec.svd, self.spec.sign)  # attach() precomputes them
         if self.spec.sigma == "split":  # √Σ on both sides, folded into the frozen factors as PEFT stores them
             U, V = U * S.sqrt(), V * S.sqrt()
@@ -99,7 +125,7 @@ class TinyLoRALinear(nn.Module):
 
     def R(self, dtype=torch.float32):
         R = torch.einsum("i,ijk->jk", self.v.to(dtype), self.P.to(dtype))  # (r, r) = Σ_i v_i P_i
-        return R / math.sqrt(self.u) if self.spec.sqrt_u else R
+        return R / math.sqrt(self.u) if self.sqrt_u else R
 
     def lowrank(self, dtype=torch.float32):
         """(U, M, V) with ΔW = U M Vᵀ: U (d_out, r), M (r, r), V (d_in, r), fp32 unless asked otherwise."""
@@ -175,19 +201,28 @@ def groups(num_layers: int, n_types: int, tie: int, order: str = "tiled") -> lis
     n = num_layers * n_types
     if order == "tiled":
         return [k // tie for k in range(n)]
-    return [((k % n_types) * num_layers + k // n_types) // tie for k in range(n)]  # position in type order, cut
+    per_type = math.ceil(num_layers / tie)  # runs of `tie` nearby layers within each type
+    return [(k % n_types) * per_type + (k // n_types) // tie for k in range(n)]
 
 
-def make_P(u: int, r: int, seed: int, variant: str = "paper"):
-    g = torch.Generator().manual_seed(seed)  # CPU generator: the same P on every machine
-    return torch.normal(mean=0.0, std=VARIANTS[variant].P_std(r), size=(u, r, r), generator=g)  # (u, r, r)
+def draw(variant: str, u: int, r: int, seed: int, k: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P (u, r, r), v₀ (u,)) of module k (depth order), whose weight is d_out × d_in = shape (choices 2-5)."""
+    spec = VARIANTS[variant]
+    g = torch.Generator().manual_seed(spec.P_seed(seed, k))  # CPU generator: the same draws on every machine
+    if not spec.official:
+        return torch.normal(0.0, spec.P_std(r), size=(u, r, r), generator=g), torch.zeros(u)
+    # choice 3: the official stream after its reseed, replayed on this private generator
+    torch.randn(min(shape), r, generator=g)  # svd_lowrank's start matrix, drawn first officially
+    torch.randn(u, generator=g)  # the official v placeholder, overwritten by v₀ below
+    P = torch.randn(u, r, r, generator=g) * spec.P_std(r)  # (u, r, r)
+    return P, torch.empty(u).normal_(0.0, spec.v_std, generator=g)  # v₀ (u,), as officially drawn
 
 
 # -----------------------------------------------------------------------------
 # attaching: check the settings, then one builder per method
 
 
-def attach(model, method="tinylora", r=2, u=1, tie=1, order="tiled", targets=TARGETS, variant="paper", seed=0,
+def attach(model, method="tinylora", r=2, u=1, tie=1, order="tiled", targets=TARGETS, variant="verl", seed=0,
            alpha=None, svd=None) -> "Adapter":  # fmt: skip
     """Replace each targeted nn.Linear of `model` by its adapter module, in place; freeze everything else."""
     import export  # the base weights' fingerprint (export.py imports this file, so not at the top)
@@ -215,8 +250,8 @@ def check_settings(model, method, r, u, tie, order, targets, variant, seed, alph
         raise ValueError(f"unknown svd {svd!r}: use one of {', '.join(SVDS)}")
     if min(r, u, tie) < 1:
         raise ValueError(f"r, u and tie must be positive integers (got r={r}, u={u}, tie={tie})")
-    if method == "loraxs" and variant != "paper":
-        raise ValueError("LoRA-XS has one form (W + U Σ R Vᵀ): use variant='paper' with method='loraxs'")
+    if method == "loraxs" and variant == "peft":
+        raise ValueError("LoRA-XS has the paper's and the official form: use variant='verl' or 'paper' with it")
     if method == "lora" and tie != 1:
         raise ValueError("LoRA has no tying: use tie=1 with method='lora'")
     if any(isinstance(m, ADAPTER_LAYERS) for m in model.modules()):
@@ -226,9 +261,9 @@ def check_settings(model, method, r, u, tie, order, targets, variant, seed, alph
         if r > min(d_out, d_in):
             raise ValueError(f"r={r} exceeds the smaller side of {name} ({d_out}x{d_in}): use a smaller r")
     if method == "loraxs":
-        u = r * r  # R itself trains: P is the standard basis of r×r matrices (choice 8)
-    scaled = method == "lora" or (method == "tinylora" and VARIANTS[variant].scaled)
-    alpha = (float(r) if alpha is None else float(alpha)) if scaled else None  # only these scale by α / r
+        u = r * r  # R itself trains: P is the standard basis of r×r matrices (choice 10)
+    default = OFFICIAL_ALPHA if method == "lora" else VARIANTS[variant].alpha  # choices 8 and 10
+    alpha = None if default is None or method == "full" else float(default if alpha is None else alpha)
     return dict(
         method=method, variant=variant, r=r, u=u, tie=tie, order=order, targets=list(targets), seed=seed,
         alpha=alpha, svd=svd,
@@ -237,26 +272,25 @@ def check_settings(model, method, r, u, tie, order, targets, variant, seed, alph
 
 def build_tinylora(model, names, s):
     """TinyLoRA and LoRA-XS: one v per group of `tie` modules, P per module, the frozen SVD of each weight."""
-    spec, u, r = VARIANTS[s["variant"]], s["u"], s["r"]
+    spec, u, r, loraxs = VARIANTS[s["variant"]], s["u"], s["r"], s["method"] == "loraxs"
     dev = model.model.embed_tokens.weight.device
     group_of = groups(model.cfg.num_hidden_layers, len(names) // model.cfg.num_hidden_layers, s["tie"], s["order"])
     n_groups = max(group_of) + 1
-    if spec.v_std == 0:
-        params = [torch.zeros(u, device=dev) for _ in range(n_groups)]  # (u,) per group, fp32 (choice 4)
+    weights = [model.get_submodule(name).weight for name in names]
+    if loraxs:  # (r², r, r) standard basis, R = v.view(r, r) starts at 0 (choice 10)
+        draws = [(torch.eye(r * r).view(r * r, r, r), torch.zeros(u)) for _ in names]
     else:
-        g = torch.Generator().manual_seed(s["seed"])
-        params = [torch.randn(u, generator=g).mul_(spec.v_std).to(dev) for _ in range(n_groups)]
-    for p in params:
-        p.requires_grad_(True)
-    svds = top_svds([model.get_submodule(name).weight for name in names], r, s["svd"], spec.sign)  # start-up cost
+        draws = [draw(s["variant"], u, r, s["seed"], k, W.shape) for k, W in enumerate(weights)]  # (P, v₀) each
+    first = {}  # group -> its first module in depth order, whose v₀ the group starts from (choice 5)
+    for k, g in enumerate(group_of):
+        first.setdefault(g, k)
+    params = [draws[first[g]][1].to(dev).requires_grad_(True) for g in range(n_groups)]  # (u,) per group, fp32
+    svds = top_svds(weights, r, s["svd"], spec.sign)  # the start-up cost
     modules = []
     for k, name in enumerate(names):
-        if s["method"] == "loraxs":
-            P = torch.eye(r * r).view(r * r, r, r)  # (r², r, r): R = v.view(r, r)
-        else:
-            P = make_P(u, r, spec.P_seed(s["seed"], k), s["variant"])  # (u, r, r)
-        base = model.get_submodule(name)
-        mod = TinyLoRALinear(base, r, P, params[group_of[k]], s["variant"], alpha=s["alpha"], USV=svds[k])
+        base, P = model.get_submodule(name), draws[k][0]
+        mod = TinyLoRALinear(base, r, P, params[group_of[k]], s["variant"], alpha=s["alpha"], USV=svds[k],
+                             sqrt_u=False if loraxs else None)  # fmt: skip
         modules.append((name, mod))
     assert len(params) == n_groups and all(m.v is params[group_of[k]] for k, (_, m) in enumerate(modules))
     return modules, params, group_of
@@ -278,8 +312,25 @@ def build_lora(model, names, s):
 
 
 def build_full(model, names, s):
-    """Full fine-tuning: no adapter modules; every base weight trains (tied weights counted once)."""
-    return [], list(dict.fromkeys(model.parameters())), []
+    """Full fine-tuning: no adapter modules; every base weight trains (tied weights counted once). A 16-bit weight
+    trains through an fp32 master (choice 11): each gradient is moved onto the master as backward accumulates it."""
+    masters = []
+    for w in dict.fromkeys(model.parameters()):
+        if w.dtype not in (torch.bfloat16, torch.float16):
+            masters.append(w)  # fp32 (or fp64): the weight is its own master
+            continue
+        m = w.detach().float().requires_grad_(True)  # same shape, fp32
+        w.register_post_accumulate_grad_hook(grad_to_master(m))
+        masters.append(m)
+    return [], masters, []
+
+
+def grad_to_master(m):
+    def hook(w):  # w.grad (16-bit) holds this backward's gradient: add it to the master's in fp32, free it
+        m.grad = w.grad.float() if m.grad is None else m.grad.add_(w.grad)
+        w.grad = None
+
+    return hook
 
 
 # -----------------------------------------------------------------------------
@@ -292,7 +343,7 @@ class Adapter:
     def __init__(self, model, settings: dict, modules, params, group_of, fingerprint):
         self.model, self.settings = model, settings
         self.modules = modules  # [(name, module)] in depth order
-        self.params = params  # the trainable tensors (fp32 except for method="full")
+        self.params = params  # the trainable tensors, fp32 (method full: the masters, or the fp32/fp64 weights)
         self.groups = group_of  # group index of each module (tinylora / loraxs)
         self.fingerprint = fingerprint  # of the base weights, taken before any training
 
@@ -303,6 +354,16 @@ class Adapter:
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params)
+
+    @torch.no_grad()
+    def masters_to_model(self):
+        """Copy the fp32 masters into the model's 16-bit weights (method full, choice 11; otherwise nothing to do):
+        after every optimiser step and after loading trained values into `params`."""
+        if self.settings["method"] != "full":
+            return
+        for w, m in zip(dict.fromkeys(self.model.parameters()), self.params, strict=True):
+            if w is not m:
+                w.copy_(m)  # rounds to the model's dtype; the master keeps what rounding would lose
 
     @contextlib.contextmanager
     def disabled(self):

@@ -114,9 +114,9 @@ p.add_argument("--r", type=int, default=2, help="rank of the frozen SVD (and of 
 p.add_argument("--u", type=int, default=1, help="length of each trainable vector v")
 p.add_argument("--tie", type=int, default=None, help="modules sharing one v (default: 16 for tinylora, else 1)")
 p.add_argument("--order", default="tiled", choices=tinylora.ORDERS, help="which modules share a v")
-p.add_argument("--variant", default="paper", choices=tinylora.VARIANTS, help="see tinylora.py choice 7")
+p.add_argument("--variant", default="verl", choices=tinylora.VARIANTS, help="verl: the official update (tinylora.py)")
 p.add_argument("--v-dtype", default="fp32", choices=list(tinylora.DTYPES), help="v's storage (file and evaluation)")
-p.add_argument("--alpha", type=float, default=None, help="LoRA scale (method lora only)")
+p.add_argument("--alpha", type=float, default=None, help="alpha of the alpha/r scale (default 32: verl, lora)")
 # algorithm
 p.add_argument("--algo", default="grpo", choices=["grpo", "sft"], help="sft: next-token loss on reference solutions")
 p.add_argument("--G", type=int, default=None, help="completions per prompt, the group size (recipe)")
@@ -537,8 +537,8 @@ def fmt_step(step, total, m):
 def stored_precision(adapter, v_dtype: str):
     """The trained tensors rounded to their storage dtype inside the block, then restored exactly (choice 12): an
     evaluation sees the update a user of the saved file gets; training continues from the fp32 values."""
-    dt = tinylora.DTYPES[v_dtype]
-    kept = [(t, t.detach().clone()) for t in adapter.params if t.dtype != dt and dt != torch.float32]
+    dt, full = tinylora.DTYPES[v_dtype], adapter.settings["method"] == "full"  # full: evaluates its 16-bit weights
+    kept = [(t, t.detach().clone()) for t in adapter.params if t.dtype != dt and dt != torch.float32 and not full]
     with torch.no_grad():
         for t, _ in kept:
             t.copy_(t.to(dt))
@@ -583,10 +583,10 @@ def evaluate(args, model, adapter, tok, evalset, step, rank, rep):
 def show_adapter(args, cfg, model, adapter):
     """Assert the trainable count the flags imply (and that nothing else trains); print it large. -> (n, bytes)."""
     n = adapter.num_params()
-    want = export.count_params(cfg, args.method, args.r, args.u, args.tie, tinylora.TARGETS)
+    want = export.count_params(cfg, args.method, args.r, args.u, args.tie, tinylora.TARGETS, args.order)
     assert n == want, f"adapter has {n} trainable parameters but the flags imply {want}"
     # no weight gradients for frozen weights: only the adapter's tensors (every weight for method full) train
-    frozen = [t for t in model.parameters() if not any(t is q for q in adapter.params)]
+    frozen = [t for t in model.parameters() if not any(t is q for q in adapter.params) and args.method != "full"]
     assert not any(t.requires_grad for t in frozen), "a frozen weight requires grad"
     nbytes = n * torch.finfo(tinylora.DTYPES[args.v_dtype]).bits // 8
     bar = "=" * 72
@@ -632,6 +632,7 @@ def main(argv=None):
     )  # fmt: skip
     n, nbytes = show_adapter(args, cfg, model, adapter)
     opt = torch.optim.AdamW(adapter.params, lr=args.lr, weight_decay=args.weight_decay)
+    opt.register_step_post_hook(lambda *_: adapter.masters_to_model())  # --method full in 16 bits: fp32 masters
     gen = torch.Generator(device=device).manual_seed(args.seed)  # re-seeded per sampling call (choice 13)
     if args.resume:
         start = runs.load_checkpoint(args, adapter, opt, gen, rank)
@@ -641,6 +642,7 @@ def main(argv=None):
     rep = report.open_reporter(args.report_to if rank == 0 else None, args.out, vars(args), os.path.basename(args.out),
                                start_step=start)  # fmt: skip
     parallel.broadcast(adapter.params)  # every rank starts from rank 0's tensors (they agree already; to be sure)
+    adapter.masters_to_model()  # --method full in 16 bits: the (resumed, broadcast) masters into the weights
     if start == 0:
         evaluate(args, model, adapter, tok, evalset, 0, rank, rep)
 

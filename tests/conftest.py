@@ -23,6 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+pytest_plugins = ["realsize"]  # the real-width checkpoint fixture (tests/realsize.py)
+
 CACHE = Path(os.environ.get("TINYLORA_CACHE", Path.home() / ".cache" / "tinylora"))
 SHARED = ROOT.parent / "shared"  # local dataset copies on the developers' machines; tests skip without it
 

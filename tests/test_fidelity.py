@@ -13,8 +13,10 @@ randomized SVD's start vector; since D P D has the law of P, every sign conventi
 of ΔW. So values are compared with the reference's signs aligned to the project's (canonical) ones; Frobenius
 norms are sign-invariant and need no alignment.
 
-Tests marked xfail(strict=True) document where the `verl` variant differs from the official code today; whoever
-makes the variant match removes the mark. Run: python -m pytest -q tests/test_fidelity.py
+The `verl` variant at its defaults (seed 0, α 32, exact SVD with canonical signs) reproduces the official P, v₀
+and α; with svd="lowrank" it reproduces the official pipeline value for value (test_official_pipeline_...).
+No difference is left to mark xfail; a future one gets xfail(strict=True) with its reason, so that whoever makes
+the variant match removes the mark. Run: python -m pytest -q tests/test_fidelity.py
 """
 
 import math
@@ -90,6 +92,13 @@ def official_groups(names: list[str], tie: int, mode: str) -> set[frozenset]:
         same = [n for n in names if n.endswith(kind)]  # depth order
         out |= {frozenset(same[i : i + tie]) for i in range(0, len(same), tie)}
     return out
+
+
+def official_delta_literal(W, v, r: int, u: int, alpha: float = OFFICIAL_ALPHA):
+    """ΔW (d_out, d_in), float64, from the official sequence run literally: svd_lowrank's own factors and signs."""
+    (U, S, V), P, _ = official_draws_literal(W, r, u)
+    R = torch.einsum("i,ijk->jk", v.detach().double(), P.double()) / math.sqrt(u)  # (r, r)
+    return (alpha / r) * U.double() @ R @ torch.diag(S.double()) @ V.double().T
 
 
 def depth_order(num_layers: int) -> list[str]:
@@ -176,17 +185,85 @@ def test_reference_factor_over_the_literal_paper_formula():
 
 
 # -----------------------------------------------------------------------------
-# what already matches
+# the verl variant against the reference
+
+
+def test_default_alpha_is_official(ck):
+    ad = attach(ck, r=2, u=1)
+    assert ad.settings["alpha"] == OFFICIAL_ALPHA and ad.settings["svd"] == "fast"
+    assert all(m.scale == OFFICIAL_ALPHA / 2 for _, m in ad.modules)
+    assert tinylora.attach(load_model(str(ck), dtype=torch.float32, device="cpu")).settings["variant"] == "verl"
 
 
 @pytest.mark.parametrize("tie", [1, 3])
 def test_verl_update_equals_official_formula_for_the_same_P(ck, tie):
     """Same v and P (the project's), exact SVD: ΔW = (α/r) U R Σ Vᵀ, R = Σ v_i P_i / √u, Σ on the input side."""
-    ad = attach(ck, r=2, u=3, tie=tie, seed=OFFICIAL_SEED, alpha=OFFICIAL_ALPHA, svd="full")
+    ad = attach(ck, r=2, u=3, tie=tie, svd="full")
     set_v(ad)
     for name, m in ad.modules:
         ref = official_delta(m.weight, m.v, m.P, 2, 3, signs_like=(m.U, m.V))
         assert rel(delta(m), ref) < 1e-4, name
+
+
+def test_P_is_drawn_as_official(ck):
+    """Bit for bit, from the reference's replay of the official global-RNG sequence; the global RNG is untouched."""
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    ad = attach(ck, r=2, u=3)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for name, m in ad.modules:
+        assert torch.equal(m.P.cpu(), official_draws(m.out_features, m.in_features, 2, 3)[0]), name
+
+
+@pytest.mark.parametrize("shape", [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (64, 32)])
+@pytest.mark.parametrize("u", [1, 3, 16])
+def test_draws_equal_official_at_7b_widths(shape, u):
+    """tinylora.draw on its private generator = the official global-RNG sequence, for Qwen2.5-7B's shapes."""
+    P, v0 = tinylora.draw("verl", u, 2, 0, 5, shape)
+    P2, v02 = official_draws(*shape, 2, u)
+    assert torch.equal(P, P2) and torch.equal(v0, v02)
+
+
+def test_v_init_is_official(ck):
+    """Each tied group starts from its first module's official v₀ (they are all one vector here: see P)."""
+    ad = attach(ck, r=2, u=3, tie=3)
+    first = {}
+    for _, m in ad.modules:
+        first.setdefault(id(m.v), m)
+    for m in first.values():
+        assert torch.equal(m.v.detach().cpu(), official_draws(m.out_features, m.in_features, 2, 3)[1])
+
+
+def test_verl_update_equals_official_end_to_end(ck):
+    """Defaults (official P, exact SVD, α 32): the same v gives the official ΔW, signs aligned (the exact SVD has
+    no official signs; see the header)."""
+    ad = attach(ck, r=2, u=3, tie=1)
+    set_v(ad)
+    for name, m in ad.modules:
+        ref = official_delta(m.weight, m.v, OFFICIAL_SEED, 2, 3, signs_like=(m.U, m.V))
+        assert rel(delta(m), ref) < 1e-4, name
+
+
+def test_lowrank_svd_is_official(ck):
+    """svd="lowrank" is the official call: same factors, same signs, as svd_lowrank(Wᵀ) seeded 42 gives them."""
+    ad = attach(ck, r=2, u=1, svd="lowrank")
+    for name, m in ad.modules:
+        (U, S, V), _, _ = official_draws_literal(m.weight, 2, 1)
+        assert torch.allclose(m.S.cpu(), S, rtol=1e-6), name
+        assert torch.allclose(m.U.cpu(), U, atol=1e-6) and torch.allclose(m.V.cpu(), V, atol=1e-6), name
+
+
+@pytest.mark.parametrize("u,tie", [(1, 1), (3, 2)])
+def test_official_pipeline_value_for_value(make_checkpoint, u, tie):
+    """The whole official sequence, run literally (svd_lowrank(Wᵀ) seeded 42, then P, then v₀): svd="lowrank" gives
+    the same v₀ and, for the same v, the same ΔW entry by entry, with no sign alignment. Square (q, o) and both
+    orientations of non-square weights (k, v: 32 × 64; gate, up: 128 × 64; down: 64 × 128)."""
+    ad = attach(make_checkpoint("qwen2"), r=2, u=u, tie=tie, svd="lowrank")
+    for name, m in ad.modules:  # at initialisation: ΔW(v₀), v₀ the group's first module's official draw
+        assert rel(delta(m), official_delta_literal(m.weight, m.v, 2, u)) < 1e-5, name
+    set_v(ad)
+    for name, m in ad.modules:
+        assert rel(delta(m), official_delta_literal(m.weight, m.v, 2, u)) < 1e-5, name
 
 
 def test_tiled_tying_groups_equal_official(ck):
@@ -199,19 +276,24 @@ def test_structured_tying_groups_equal_official_when_tie_divides_the_layers(ck):
     assert partition(ad) == official_groups(depth_order(2), 2, "structured")
 
 
-def test_one_adam_step_moves_dW_as_official_for_the_same_P_and_alpha(ck):
-    """Adam's first step moves each v_i by lr (up to eps); then ||ΔW(v₁) - ΔW(v₀)||_F must be the official one."""
+@pytest.mark.parametrize("svd", ["fast", "lowrank"])
+def test_one_adam_step_from_zero_moves_dW_as_official(ck, svd):
+    """The lr grid's meaning: from v = 0, AdamW's first step moves every v_i by lr (up to eps), and ΔW then equals
+    what the official code builds from that v (defaults: α 32, official P), value for value."""
     lr = 1e-3
-    ad = attach(ck, r=2, u=3, tie=2, seed=OFFICIAL_SEED, alpha=OFFICIAL_ALPHA, svd="full")
-    before = [p.detach().clone() for p in ad.params]
+    ad = attach(ck, r=2, u=3, tie=2, svd=svd)
+    with torch.no_grad():
+        for p in ad.params:
+            p.zero_()
     adam_step(ad, lr)
-    for p, b in zip(ad.params, before):
-        assert torch.allclose((p.detach() - b).abs(), torch.full_like(b, lr), rtol=1e-3)
+    for p in ad.params:
+        assert torch.allclose(p.detach().abs(), torch.full_like(p, lr), rtol=1e-3)
     for name, m in ad.modules:
-        dv = m.v.detach() - before[[p is m.v for p in ad.params].index(True)]
-        ours = moved(m, dv)
-        ref = official_delta(m.weight, dv, m.P, 2, 3).norm().item()  # linear in v; norm needs no sign alignment
-        assert abs(ours / ref - 1) < 1e-4, name
+        if svd == "lowrank":
+            ref = official_delta_literal(m.weight, m.v, 2, 3)
+        else:
+            ref = official_delta(m.weight, m.v, OFFICIAL_SEED, 2, 3, signs_like=(m.U, m.V))
+        assert rel(delta(m), ref) < 1e-4, name
 
 
 def adam_step(ad, lr):
@@ -228,105 +310,6 @@ def delta_f32(m):
     return U @ M @ V.T
 
 
-def moved(m, dv):
-    """||ΔW(v + dv) - ΔW(v)||_F of the project's module (ΔW is linear in v)."""
-    v = m.v
-    object.__setattr__(m, "v", dv)
-    try:
-        return delta(m).norm().item()
-    finally:
-        object.__setattr__(m, "v", v)
-
-
-# -----------------------------------------------------------------------------
-# where the verl variant differs today (each mark names the difference)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="default alpha: the verl variant defaults to alpha = r (scale 1); the official scripts use lora_alpha 32 "
-    "(scale 32 / r = 16 at r = 2)",
-)
-def test_default_alpha_is_official(ck):
-    ad = attach(ck, r=2, u=1, svd="full")
-    assert ad.settings["alpha"] == OFFICIAL_ALPHA
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="P: the verl variant draws P per module from a generator seeded seed * 1_000_003 + k; the official code "
-    "reseeds the global CPU RNG to 42 per module and draws P after svd_lowrank's start matrix and a randn(u), so P "
-    "depends only on min(d_out, d_in)",
-)
-def test_P_is_drawn_as_official(ck):
-    ad = attach(ck, r=2, u=3, seed=OFFICIAL_SEED, alpha=OFFICIAL_ALPHA, svd="full")
-    for name, m in ad.modules:
-        assert torch.equal(m.P.cpu(), official_draws(m.out_features, m.in_features, 2, 3)[0]), name
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="v init: the verl variant draws v₀ = randn(u) * 1e-5 from a generator seeded `seed`, one per group; the "
-    "official v₀ = normal(0, 1e-5) comes from the global stream right after P, and a group keeps its first module's",
-)
-def test_v_init_is_official(ck):
-    ad = attach(ck, r=2, u=3, tie=3, seed=OFFICIAL_SEED, alpha=OFFICIAL_ALPHA, svd="full")
-    first = {}
-    for _, m in ad.modules:
-        first.setdefault(id(m.v), m)
-    for m in first.values():
-        assert torch.equal(m.v.detach().cpu(), official_draws(m.out_features, m.in_features, 2, 3)[1])
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="P (see test_P_is_drawn_as_official): with the official P the same v gives a different ΔW",
-)
-def test_verl_update_equals_official_end_to_end(ck):
-    ad = attach(ck, r=2, u=3, tie=1, seed=OFFICIAL_SEED, alpha=OFFICIAL_ALPHA, svd="full")
-    set_v(ad)
-    for name, m in ad.modules:
-        ref = official_delta(m.weight, m.v, OFFICIAL_SEED, 2, 3, signs_like=(m.U, m.V))
-        assert rel(delta(m), ref) < 1e-4, name
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="SVD: svd='lowrank' runs torch.svd_lowrank(W, q=r, niter=10) with seed 0; the official code runs it on "
-    "Wᵀ after torch.manual_seed(42). With q = r the result depends on the start matrix (far from the exact SVD on "
-    "random weights), so the frozen factors differ",
-)
-def test_lowrank_svd_is_official(ck):
-    ad = attach(ck, r=2, u=1, seed=OFFICIAL_SEED, alpha=OFFICIAL_ALPHA, svd="lowrank")
-    for name, m in ad.modules:
-        (U, S, V), _, _ = official_draws_literal(m.weight, 2, 1)
-        assert torch.allclose(m.S.cpu(), S, rtol=1e-5), name
-        assert torch.allclose((m.U.cpu().T @ U).abs().diagonal(), torch.ones(2), atol=1e-5), name  # sign-blind
-        assert torch.allclose((m.V.cpu().T @ V).abs().diagonal(), torch.ones(2), atol=1e-5), name
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="structured tying: the verl variant cuts the type-major list of all modules into runs of `tie`, so a "
-    "group can span two module types when tie does not divide the layer count; the official code cuts each type "
-    "separately (7 * ceil(L / tie) groups)",
-)
 def test_structured_tying_groups_equal_official_with_a_remainder(make_checkpoint):
     ad = attach(make_checkpoint("qwen2", num_hidden_layers=3), r=2, u=1, tie=2, order="structured", svd="full")
     assert partition(ad) == official_groups(depth_order(3), 2, "structured")
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="defaults: with the verl variant's default alpha (= r) and its own P, one Adam step of size lr moves ΔW "
-    "by a different amount than the official code (alpha 32, official P): about 16x less at r = 2",
-)
-def test_one_adam_step_moves_dW_as_official_with_defaults(ck):
-    lr = 1e-3
-    ad = attach(ck, r=2, u=3, tie=2, seed=OFFICIAL_SEED, svd="full")
-    before = [p.detach().clone() for p in ad.params]
-    adam_step(ad, lr)
-    for name, m in ad.modules:
-        dv = m.v.detach() - before[[p is m.v for p in ad.params].index(True)]
-        ref = official_delta(m.weight, dv, OFFICIAL_SEED, 2, 3).norm().item()
-        assert abs(moved(m, dv) / ref - 1) < 1e-3, name

@@ -15,6 +15,7 @@ Attention layouts (model.py choice 2) agree with the obvious path. Run: `python 
 import pytest
 import torch
 
+import attention as A
 import grpo
 import model as M
 
@@ -118,7 +119,7 @@ def test_attend_layouts_equal_hand_reference(H, Hkv, D, layout):
     k = torch.randn(B, Hkv, S, D, generator=g, requires_grad=True)
     v = torch.randn(B, Hkv, S, D, generator=g, requires_grad=True)
     mask = None if layout == "causal" else random_mask(B, T, S, seed=T)
-    y, want = M.attend(q, k, v, mask), reference_attention(q, k, v, mask)
+    y, want = A.attend(q, k, v, mask), reference_attention(q, k, v, mask)
     assert y.shape == (B, H, T, D)
     torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
     coef = torch.randn(y.shape, generator=g)
@@ -135,13 +136,13 @@ def test_layouts_reach_sdpa_in_the_fused_kernels_shapes(qwen2):
     m, c = qwen2, qwen2.cfg
     H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     idx, pmask = left_padded(c.vocab_size, [6, 3], seed=4)
-    with M.record_attention() as calls:
+    with A.record_attention() as calls:
         m(idx)
-    assert calls[0][0] == M.describe(
+    assert calls[0][0] == A.describe(
         torch.empty(2, H, 6, D), torch.empty(2, Hkv, 6, D), torch.empty(2, Hkv, 6, D), None, True, True
     )
     cache = m.new_cache(2, 8)
-    with M.record_attention() as calls:
+    with A.record_attention() as calls:
         m(idx, cache=cache, start=0, key_mask=pmask)
         m(idx[:, :1], cache=cache, start=6, key_mask=torch.cat([pmask, torch.ones(2, 1, dtype=torch.bool)], 1))
     L = c.num_hidden_layers
@@ -161,8 +162,8 @@ def test_no_kernel_is_an_error_naming_the_call():
         sdpa_kernel(SDPBackend.CUDNN_ATTENTION),
         pytest.raises(RuntimeError, match=r"q \(1, 4, 3, 8\) k \(1, 2, 3, 8\)"),
     ):
-        M.sdpa(q, k, k, None, True, True)
-    assert M.sdpa_backend(q, k, k, None, True, True) in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+        A.sdpa(q, k, k, None, True, True)
+    assert A.sdpa_backend(q, k, k, None, True, True) in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
 # -----------------------------------------------------------------------------

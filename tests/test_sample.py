@@ -147,7 +147,8 @@ def test_counter_based_uniforms_match_a_python_hash_and_are_uniform():
     xs = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1] + torch.randint(0, 2**32, (500,)).tolist()
     assert sample.mix32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]  # no int64 overflow anywhere
     keys = sample.row_keys(torch.tensor([7, 2**32 - 5]), torch.arange(4096))  # (N,)
-    u = torch.stack([sample.uniforms(keys, t) for t in range(25)])  # (t, N)
+    u = sample.uniforms(keys, 25).T  # (t, N)
+    assert torch.equal(sample.uniforms(keys[7:9], 3), u[:3, 7:9].T)  # a row's draws do not depend on the others
     assert u.dtype == torch.float64 and (u >= 0).all() and (u < 1).all()
     counts = torch.histc(u.float(), bins=20, min=0, max=1)  # 102,400 draws: chi-square with 19 degrees of freedom
     e = u.numel() / 20
@@ -156,7 +157,7 @@ def test_counter_based_uniforms_match_a_python_hash_and_are_uniform():
     rows = torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1]
     assert steps.abs() < 0.02 and rows.abs() < 0.02  # neighbouring steps, neighbouring rows
     other = sample.row_keys(torch.tensor([8, 2**32 - 5]), torch.arange(4096))  # another seed, other noise
-    assert (sample.uniforms(other, 0) != u[0]).float().mean() > 0.99
+    assert (sample.uniforms(other, 1)[:, 0] != u[0]).float().mean() > 0.99
 
 
 # -----------------------------------------------------------------------------
@@ -301,6 +302,21 @@ def test_graph_decode_bookkeeping_with_a_stand_in_graph(qwen2, monkeypatch):
     for n in set(rows):  # within one batch, each bucket is captured once, in growing order
         sizes = [S for m, S in captured if m == n]
         assert sizes == sorted(set(sizes))
+
+
+def test_a_refused_graph_capture_decodes_eagerly_with_a_warning(qwen2, monkeypatch):
+    """A GPU or driver that refuses the capture costs speed, never the run: the same tokens, eagerly."""
+
+    def refuse(self, S):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(kernels.StaticDecode, "capture", refuse)
+    kw = dict(G=2, max_new_tokens=12, stop_ids=list(range(40, 140)))
+    live = gen(qwen2, decode="live", **kw)
+    monkeypatch.setattr(sample, "check_args", lambda *a: None)  # let decode="graph" through on CPU
+    with pytest.warns(UserWarning, match="CUDA-graph capture failed"):
+        graph = gen(qwen2, decode="graph", **kw)
+    assert_same(live, graph)
 
 
 def test_decode_graph_needs_cuda_and_unknown_decode_is_refused(qwen2):

@@ -38,10 +38,12 @@ def ck(make_checkpoint):
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(),
-        dict(u=4, tie=3, order="structured"),
+        dict(),  # verl: starts from the official v₀ ~ N(0, 1e-5²), so it is set to zero first
+        dict(variant="paper"),
+        dict(variant="paper", u=4, tie=3, order="structured"),
         dict(variant="peft", u=2),
         dict(method="loraxs"),
+        dict(method="loraxs", variant="paper"),
         dict(method="lora", r=4),
     ],
 )
@@ -51,6 +53,10 @@ def test_zero_update_is_bitwise_base(ck, kw, dtype):
     with torch.no_grad():
         base = model(IDX)
         adapter = attach(model, **kw)
+        if adapter.variant == "verl" and adapter.method == "tinylora":
+            assert all(0 < p.abs().max() < 1e-4 for p in adapter.params)  # choice 5: the official start
+            for p in adapter.params:
+                p.zero_()
         assert torch.equal(model(IDX), base)
         set_v(adapter)  # now it differs, and disabled() gives the base back exactly
         assert not torch.allclose(model(IDX).float(), base.float(), atol=1e-3)
@@ -88,9 +94,12 @@ def test_only_adapter_trains(ck, method):
     assert model(IDX).logsumexp(-1).mean() != loss  # and the step did change the model
 
 
-@pytest.mark.parametrize("family,tied", [("qwen2", False), ("llama", True), ("qwen3", False)])
-def test_full_finetuning_unfreezes_everything(make_checkpoint, family, tied):
-    ck = make_checkpoint(family, tied=tied)
+@pytest.mark.parametrize(
+    "family,tied,extra",
+    [("qwen2", False, {}), ("llama", True, {}), ("qwen3", False, {}), ("llama", False, dict(attention_bias=True))],
+)
+def test_full_finetuning_unfreezes_everything(make_checkpoint, family, tied, extra):
+    ck = make_checkpoint(family, tied=tied, **extra)  # Llama's attention_bias covers o_proj too
     model = fresh(ck)
     adapter = attach(model, method="full")
     assert adapter.num_params() == sum(p.numel() for p in set(model.parameters()))
@@ -101,17 +110,20 @@ def test_full_finetuning_unfreezes_everything(make_checkpoint, family, tied):
             pass
 
 
-@pytest.mark.parametrize("kw", [dict(u=3, tie=4), dict(variant="verl", u=2, tie=14), dict(method="loraxs")])
+@pytest.mark.parametrize(
+    "kw", [dict(variant="paper", u=3, tie=4), dict(u=2, tie=14), dict(method="loraxs"), dict(method="loraxs", u=1)]
+)
 def test_grad_matches_finite_differences(ck, kw):
     model = fresh(ck, torch.float64)
     adapter = attach(model, **kw)
-    set_v(adapter, scale=0.3)
+    k = adapter.modules[0][1].scale  # verl's α / r = 16: the same ΔW from 16x smaller v (and steps h), exact in fp32
+    set_v(adapter, scale=0.3 / k)
     w = torch.randn(2, 11, model.cfg.vocab_size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     loss_fn = lambda: (model(IDX) * w).sum()  # noqa: E731
     loss_fn().backward()
     # model.py's RMSNorm runs in fp32 even in a float64 model, so the loss carries ~1e-7 relative noise: use a
     # large step and Richardson extrapolation (error O(h⁴)) rather than a tiny step
-    h = 2.0**-6  # exact in fp32, where v lives
+    h = 2.0**-6 / k  # exact in fp32, where v lives
 
     def central(p, i, h):
         with torch.no_grad():
@@ -130,7 +142,9 @@ def test_grad_matches_finite_differences(ck, kw):
             assert abs(fd - p.grad.view(-1)[i].item()) <= 1e-3 * scale, (i, fd, p.grad.view(-1)[i])
 
 
-@pytest.mark.parametrize("kw", [dict(u=3), dict(variant="verl", u=2), dict(variant="peft", u=2), dict(method="loraxs")])
+@pytest.mark.parametrize(
+    "kw", [dict(u=3), dict(variant="paper", u=2), dict(variant="peft", u=2), dict(method="loraxs", variant="paper")]
+)
 def test_grad_matches_finite_differences_one_layer(kw):
     """One adapted linear, all float64: finite differences agree to ~1e-9."""
     from model import Config, Transformer
@@ -139,8 +153,9 @@ def test_grad_matches_finite_differences_one_layer(kw):
     cfg = Config(num_hidden_layers=1, hidden_size=32, intermediate_size=48, num_attention_heads=4, vocab_size=50)
     model = Transformer(cfg).double()
     adapter = attach(model, targets=("down_proj",), **kw)
-    set_v(adapter, scale=0.3)
     layer = adapter.modules[0][1]
+    k, h = layer.scale, 2.0**-12 / layer.scale  # verl: 16x smaller v and steps (exact in fp32) give the same ΔW
+    set_v(adapter, scale=0.3 / k)
     x = torch.randn(5, 48, dtype=torch.float64)
     w = torch.randn(5, 32, dtype=torch.float64)
     loss_fn = lambda: (torch.tanh(layer(x)) * w).sum()  # noqa: E731
@@ -149,12 +164,12 @@ def test_grad_matches_finite_differences_one_layer(kw):
     for i in range(p.numel()):
         with torch.no_grad():
             x0 = p[i].item()
-            p[i] = x0 + 2.0**-12
+            p[i] = x0 + h
             up = loss_fn().item()
-            p[i] = x0 - 2.0**-12
+            p[i] = x0 - h
             down = loss_fn().item()
             p[i] = x0
-        fd = (up - down) / 2.0**-11
+        fd = (up - down) / (2 * h)
         assert abs(fd - p.grad[i].item()) <= 1e-6 * max(1.0, abs(fd)), (i, fd, p.grad[i])
 
 
@@ -163,7 +178,14 @@ def test_grad_matches_finite_differences_one_layer(kw):
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(method="tinylora", u=3, tie=5), dict(method="loraxs", r=3), dict(method="lora", r=3)]
+    "kw",
+    [
+        dict(method="tinylora", u=3, tie=5),
+        dict(method="tinylora", u=3, tie=5, order="structured"),
+        dict(method="loraxs", r=3, tie=2, order="structured"),
+        dict(method="loraxs", r=3),
+        dict(method="lora", r=3),
+    ],
 )
 def test_count_matches_attached_model(ck, kw):
     model = fresh(ck)
@@ -172,26 +194,45 @@ def test_count_matches_attached_model(ck, kw):
     assert count_params(ck, **kw) == want == adapter.num_params()
 
 
-def test_tied_groups_module_by_module(ck):
-    """2 layers x 7 targets = 14 modules, tie = 3: groups written out by hand for both orders."""
-    L0, L1 = "model.layers.0.", "model.layers.1."
-    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
-    names += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    tiled = dict(zip([L0 + n for n in names] + [L1 + n for n in names], [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4]))
-    # structured: q0 q1 k0 | k1 v0 v1 | o0 o1 g0 | g1 u0 u1 | d0 d1
-    structured = {L0 + "self_attn.q_proj": 0, L1 + "self_attn.q_proj": 0, L0 + "self_attn.k_proj": 0,
-                  L1 + "self_attn.k_proj": 1, L0 + "self_attn.v_proj": 1, L1 + "self_attn.v_proj": 1,
-                  L0 + "self_attn.o_proj": 2, L1 + "self_attn.o_proj": 2, L0 + "mlp.gate_proj": 2,
-                  L1 + "mlp.gate_proj": 3, L0 + "mlp.up_proj": 3, L1 + "mlp.up_proj": 3,
-                  L0 + "mlp.down_proj": 4, L1 + "mlp.down_proj": 4}  # fmt: skip
-    for order, want in (("tiled", tiled), ("structured", structured)):
-        model = fresh(ck)
-        adapter = attach(model, u=2, tie=3, order=order)
-        assert len(adapter.params) == 5 and adapter.num_params() == 10
-        assert [n for n, _ in adapter.modules] == list(tiled)  # depth order
+def test_tied_groups_module_by_module(make_checkpoint):
+    """3 layers x 7 targets = 21 modules, tie = 2: groups written out by hand for both orders."""
+    types = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    types += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    depth = [f"model.layers.{i}.{t}" for i in range(3) for t in types]
+    tiled = dict(zip(depth, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10]))
+    # structured: each type on its own, cut into runs of 2 nearby layers: q0 q1 | q2 || k0 k1 | k2 || …
+    by_type = {"q_proj": [0, 0, 1], "k_proj": [2, 2, 3], "v_proj": [4, 4, 5], "o_proj": [6, 6, 7],
+               "gate_proj": [8, 8, 9], "up_proj": [10, 10, 11], "down_proj": [12, 12, 13]}  # fmt: skip
+    structured = {n: by_type[n.rsplit(".", 1)[1]][int(n.split(".")[2])] for n in depth}
+    ck3 = make_checkpoint("qwen2", num_hidden_layers=3)
+    for order, want, n_groups in (("tiled", tiled, 11), ("structured", structured, 14)):
+        model = fresh(ck3)
+        adapter = attach(model, u=2, tie=2, order=order)
+        assert len(adapter.params) == n_groups and adapter.num_params() == 2 * n_groups
+        assert count_params(ck3, u=2, tie=2, order=order) == 2 * n_groups
+        assert [n for n, _ in adapter.modules] == depth  # depth order
         for name, module in adapter.modules:
             assert module.v is adapter.params[want[name]], (order, name)
             assert model.get_submodule(name) is module
+
+
+def test_structured_tying_on_qwen25_7b():
+    """§6.5's structured tying at tie 16 on Qwen2.5-7B's 28 layers (config only): 7 types x ceil(28 / 16) = 14
+    groups, each one type and a run of nearby layers (16, then the remaining 12)."""
+    from export import BUILTIN_CONFIGS
+
+    names = tinylora.module_names(28)
+    members = {}
+    for name, g in zip(names, tinylora.groups(28, 7, 16, "structured")):
+        members.setdefault(g, []).append(name)
+    assert len(members) == 14
+    for group in members.values():
+        assert len({n.rsplit(".", 1)[1] for n in group}) == 1, group  # one type
+        layers = [int(n.split(".")[2]) for n in group]
+        assert layers in (list(range(16)), list(range(16, 28))), group
+    cfg = BUILTIN_CONFIGS["Qwen/Qwen2.5-7B-Instruct"]
+    assert count_params(cfg, u=1, tie=16, order="structured") == 14
+    assert count_params(cfg, u=1, tie=16, order="tiled") == 13  # the paper's headline is tiled
 
 
 def test_targets_restrict(ck):
@@ -279,5 +320,85 @@ def test_each_variant_is_its_formula(variant):
     got = (Um @ M @ Vm.T).double()
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max()), (got - want).abs().max()
     std = {"paper": 2**-0.5, "peft": 2**-0.5, "verl": 1.0}[variant]  # P's law, from a large draw of the same code
-    big = tinylora.make_P(20000, 2, 0, variant)
+    big, v0 = tinylora.draw(variant, 20000, 2, 0, 0, (32, 48))
     assert abs(big.std().item() - std) < 0.01
+    assert abs(v0.std().item() - (1e-5 if variant == "verl" else 0.0)) < 1e-7  # choice 5
+
+
+def test_loraxs_forms(ck):
+    """LoRA-XS: R = v.view(r, r) trains; paper form U Σ R Vᵀ, verl form (α/r) U R Σ Vᵀ without the √u."""
+    for variant in ("paper", "verl"):
+        adapter = attach(fresh(ck), method="loraxs", variant=variant, svd="full")
+        set_v(adapter, scale=0.3)
+        for _, m in adapter.modules[:3]:
+            U, S, V, R = m.U.double(), torch.diag(m.S.double()), m.V.double(), m.v.detach().double().view(2, 2)
+            want = U @ S @ R @ V.T if variant == "paper" else 16.0 * U @ R @ S @ V.T  # α / r = 32 / 2
+            Um, M, Vm = m.lowrank()
+            assert torch.allclose((Um @ M @ Vm.T).double(), want, rtol=1e-5, atol=1e-6 * want.abs().max())
+
+
+def test_lora_alpha_defaults_to_the_official_32(ck):
+    adapter = attach(fresh(ck), method="lora", r=4)
+    assert adapter.alpha == 32.0 and all(m.scale == 8.0 for _, m in adapter.modules)
+    set_v(adapter, scale=0.1)
+    m = adapter.modules[0][1]
+    U, M, V = m.lowrank()
+    assert torch.allclose(U @ M @ V.T, 8.0 * m.B @ m.A, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("u", [1, 4])
+def test_verl_over_paper_is_alpha_over_sqrt_ru_in_rms(u):
+    """The same v under both variants, over many seeds of P: E||ΔW_verl||² / E||ΔW_paper||² = α² / (r u), i.e. the
+    paper's lr grid moves ΔW α / √(r u) times further under verl (22.6 at α 32, r 2, u 1; choice 9)."""
+    from svd import top_svd
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 16, generator=g)
+    base, USV, v = torch.nn.Linear(16, 24), top_svd(W, 2, "full"), torch.randn(u, generator=g)
+    mods = {name: tinylora.TinyLoRALinear(base, 2, torch.zeros(u, 2, 2), v, name, alpha=a, USV=USV)
+            for name, a in (("paper", None), ("verl", 32.0))}  # fmt: skip
+    sq = {name: 0.0 for name in mods}
+    for seed in range(10000):
+        for name, m in mods.items():
+            m.P = tinylora.draw(name, u, 2, seed, 0, W.shape)[0]
+            U, M, V = m.lowrank()
+            sq[name] += M.square().sum().item()  # = ||U M Vᵀ||²_F: U, V orthonormal
+    want = 32.0**2 / (2 * u)
+    assert abs(sq["verl"] / sq["paper"] / want - 1) < 0.05, (sq["verl"] / sq["paper"], want)
+
+
+def test_full_finetuning_in_bf16_keeps_fp32_masters(ck):
+    """Adam steps of 1e-6 of the weights' size round away in bf16 (spacing ~2⁻⁸ relative): trained directly, the
+    bf16 weights hardly move; through the fp32 masters (choice 11) each step lands, and the model's weights are
+    the masters rounded to bf16."""
+    steps = 8
+
+    def train(masters: bool):
+        model = fresh(ck, torch.bfloat16)
+        start = [w.detach().float().clone() for w in dict.fromkeys(model.parameters())]
+        if masters:
+            adapter = attach(model, method="full")
+            params = adapter.params
+        else:
+            params = [w.requires_grad_(True) for w in dict.fromkeys(model.parameters())]
+        lr = 1e-6 * torch.cat([w.abs().flatten() for w in start]).mean().item()
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        if masters:
+            opt.register_step_post_hook(lambda *_: adapter.masters_to_model())  # as train.py does
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            model(IDX).float().logsumexp(-1).mean().backward()
+            opt.step()
+        if masters:
+            assert all(p.dtype == torch.float32 and p.grad is not None for p in params)
+            assert all(w.grad is None for w in model.parameters())  # each gradient moved to its master
+            for w, m in zip(dict.fromkeys(model.parameters()), params):
+                assert torch.equal(w, m.to(torch.bfloat16))
+        moved = torch.cat([(p.detach().float() - s).abs().flatten() for p, s in zip(params, start)])
+        live = torch.cat([(p.grad != 0).flatten() for p in params])  # not the embedding rows of unseen tokens
+        return moved[live] / (steps * lr)
+
+    with_masters, without = train(True), train(False)
+    assert with_masters.median() > 0.9  # each step moved its weight by ~lr, in a consistent direction
+    assert (with_masters > 0.5).float().mean() > 0.95
+    assert without.median() == 0 and (without > 0).float().mean() < 0.05  # rounded away, but for tiny weights
