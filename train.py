@@ -36,6 +36,8 @@ docs/FIDELITY.md has the sources) or *ours*:
 13. Data parallel under torchrun (*ours*, parallel.py): each rank takes 1/N of the prompts, counts and gradients are
     summed, so the update is the same for any N; each sampling call re-seeds from (seed, step, its first prompt).
 14. A run ends by writing RUN/peft/, the same update as a standard PEFT LoRA (export.export_peft_lora) (*ours*).
+15. Memory is planned from the shapes before the weights load (memory.py): --micro-batch-tokens and
+    --grad-checkpointing `auto` take the plan's choice; a run that cannot fit stops, naming the flag (*ours*).
 """
 
 import argparse
@@ -144,11 +146,12 @@ p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight de
 p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
 p.add_argument("--micro-batch", type=int, default=16, help="max rollouts per forward/backward (memory, not math)")
 p.add_argument(
-    "--micro-batch-tokens", type=int, default=0, help="max padded tokens per forward/backward, rows sorted by length "
-    "(0: off; --micro-batch still caps the rows unless it is 0; grpo.py choice 3)"
+    "--micro-batch-tokens", type=lambda s: s if s == "auto" else int(s), default="auto", help="max padded tokens per "
+    "forward/backward, rows sorted by length (0: off; auto: the most that fit, choice 15; --micro-batch caps rows)"
 )  # fmt: skip
 p.add_argument("--chunk", type=int, default=4096, help="tokens per lm_head chunk in the loss")
-p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
+p.add_argument("--grad-checkpointing", nargs="?", const="on", default="auto", choices=["on", "off", "auto"],
+               help="recompute blocks in backward to save memory (auto: only to fit; choice 15)")  # fmt: skip
 p.add_argument("--sample-mode", default="auto", choices=sample.MODES, help="see sample.py")
 # run
 p.add_argument("--seed", type=int, default=0, help="adapter P, data order and sampling seeds")
@@ -233,7 +236,8 @@ def check_args(args, stamp=None, world=1):
     for name in POSITIVE:  # max_new_tokens None: the task's, once the data is known
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
-    if args.micro_batch < 0 or args.micro_batch_tokens < 0 or not (args.micro_batch or args.micro_batch_tokens):
+    mbt = 1 if args.micro_batch_tokens == "auto" else args.micro_batch_tokens
+    if args.micro_batch < 0 or mbt < 0 or not (args.micro_batch or mbt):
         raise SystemExit("--micro-batch (rows) and --micro-batch-tokens (padded tokens) must be >= 0, one of them > 0.")
     share = args.prompts_per_step // world  # a rank's prompts (parallel.init checked that N divides them)
     if share % args.mini_batches:
@@ -309,9 +313,10 @@ def load_data(args, tok):
     except (ValueError, FileNotFoundError, hub.HubError) as e:
         raise SystemExit(f"--data/--eval-data: {e}\nKnown: {DATASETS_HINT}.\n{OFFLINE_HELP}") from None
     args.max_new_tokens = args.max_new_tokens or data.response_tokens(train)  # the task's (choice 9)
+    lens = [len(prompt_ids(args, tok, ex)) for ex in train]
     if args.max_prompt_tokens:  # choice 9: dropped, never cut; the evaluation set stays whole
         n, N = len(train), args.max_prompt_tokens
-        train = [ex for ex in train if len(prompt_ids(args, tok, ex)) <= N]
+        train, lens = [ex for ex, k in zip(train, lens) if k <= N], [k for k in lens if k <= N]
         print(f"--max-prompt-tokens {N}: dropped {n - len(train):,} of {n:,} training prompts longer than that")
     B = args.prompts_per_step
     if len(train) < B:
@@ -319,7 +324,23 @@ def load_data(args, tok):
         raise SystemExit(f"--prompts-per-step {B} is larger than the training set ({len(train)} examples{why}).")
     path = data.load.hub_file(args.data, "train") if args.data in data.DATASETS else args.data
     args.sources = {"data": hub.source_record(args.data, None, path)}  # the model's is added once it is loaded
-    return train, evalset, math.floor(args.epochs * (len(train) // B))
+    return train, evalset, math.floor(args.epochs * (len(train) // B)), max(lens)
+
+
+def plan_memory(args, cfg, longest: int, world: int):
+    """Choice 15: memory.py's plan from the shapes, printed before any weight loads; the `auto` settings are taken
+    from it, and a run that cannot fit stops with the setting to change."""
+    import memory
+
+    args.grad_checkpointing = {"on": True, "off": False}.get(args.grad_checkpointing, args.grad_checkpointing)
+    plan, advice = memory.plan_for_run(cfg, args, max_prompt_tokens=longest, world=world)
+    print(memory.format_plan(plan, memory.free_memory(args.device or "cuda")))
+    if advice:
+        raise SystemExit(f"memory: {advice}")
+    if args.micro_batch_tokens == "auto":
+        args.micro_batch_tokens = plan.settings["micro_batch_tokens"]
+    if args.grad_checkpointing == "auto":
+        args.grad_checkpointing = plan.settings["grad_checkpointing"]
 
 
 def template_vars(args) -> dict:
@@ -608,7 +629,8 @@ def main(argv=None):
 
     # ---- data (before the model: an unknown dataset fails in seconds)
     tok = Tokenizer(path or args.model, revision=sha)  # the commit config.json came from
-    train, evalset, epoch_steps = load_data(args, tok)
+    train, evalset, epoch_steps, longest = load_data(args, tok)
+    plan_memory(args, cfg, longest, world)  # choice 15: before any weight loads
     B, total = args.prompts_per_step, min(epoch_steps, args.max_steps or epoch_steps)
     warmup = int(args.warmup * epoch_steps)  # choice 4: of the --epochs schedule, whatever --max-steps says
     print(f"run {args.out}: {args.algo} on {args.data} ({args.recipe} recipe), {len(train):,} prompts, {total} steps "

@@ -290,7 +290,9 @@ def schedule_setup(tiny, *flags):
         s_lp = plain_logprobs(model, prompts, tokens, mask) + 0.1 * torch.randn(tokens.shape)
     ro = SimpleNamespace(prompts=prompts, tokens=tokens, mask=mask, logp=s_lp)
     adv = torch.randn(8, generator=torch.Generator().manual_seed(3))
-    args = train.parse_args([str(a) for a in ("--G", 2, "--prompts-per-step", 4, "--micro-batch", 3, *flags)])
+    args = train.parse_args(
+        [str(a) for a in ("--G", 2, "--prompts-per-step", 4, "--micro-batch", 3, "--micro-batch-tokens", 0, *flags)]
+    )
     return model, adapter, ro, adv, args
 
 
@@ -567,3 +569,24 @@ def test_math_recipe_end_to_end_with_entropy_kl_and_its_system_turn(tiny, tmp_pa
         1e-3,
         1,
     )
+
+
+def test_memory_plan_before_the_weights_and_a_refusal_when_it_cannot_fit(tiny, tmp_path, no_model_load, monkeypatch):
+    import memory
+
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        run(base_args(tiny, tmp_path / "a"))
+    monkeypatch.setattr(memory, "free_memory", lambda device="cuda": 2**20)  # 1 MiB free: nothing fits
+    with pytest.raises(SystemExit, match=r"memory: .*needs .* GiB .* but 0\.0 GiB are free") as e:
+        run(base_args(tiny, tmp_path / "b"))
+    assert "--" in str(e.value).split("free")[-1] or "bigger device" in str(e.value)  # names what to change
+
+
+def test_memory_plan_is_printed_and_auto_settings_are_recorded(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(base_args(tiny, out, "--max-steps", 1, "--no-eval"))
+    text = capsys.readouterr().out
+    assert text.index("memory plan:") < text.index("TRAINABLE PARAMETERS")  # printed before the weights load
+    args = json.load(open(out / "args.json"))
+    assert isinstance(args["micro_batch_tokens"], int) and args["micro_batch_tokens"] > 0  # auto, chosen
+    assert args["grad_checkpointing"] is False  # a tiny model fits without recomputation
