@@ -234,6 +234,7 @@ def positive_int(s: str) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate with strict/flexible/official (GSM8K) or boxed (MATH) grading.")
     p.add_argument("--model", required=True, help="local Hugging Face folder or Hub id")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
     p.add_argument("--adapter", default=None, help="a tinylora adapter file, run folder, or Hub repo (user/repo)")
     # data
     what = p.add_mutually_exclusive_group(required=True)
@@ -302,7 +303,8 @@ def main(argv=None):
     import model as M
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    net, tok = M.load_model(args.model, dtype=dtype, device=args.device), M.Tokenizer(args.model)
+    net = M.load_model(args.model, dtype=dtype, device=args.device, revision=args.revision)
+    tok = M.Tokenizer(args.model, revision=net.source["sha"])  # the commit the weights came from (None: a folder)
     if adapter:
         export.load_adapter(adapter, net)
     # 3) generate, grade, report
