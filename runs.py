@@ -20,6 +20,7 @@ import json
 import os
 import random
 import subprocess
+import time
 
 import torch
 
@@ -49,6 +50,33 @@ def resumed_args(args, defaults, given: dict) -> argparse.Namespace:
     merged = {**saved, **{k: v for k, v in given.items() if k in RESUMABLE}}
     merged["resume"], merged["out"] = args.resume, args.resume
     return argparse.Namespace(**merged)
+
+
+def prepare_out(args, stamp=None) -> str:
+    """The run folder (default runs/<method>-u<u>-tie<tie>-<time>), made and checked writable; a fresh run refuses
+    a folder that already holds one."""
+    out = args.out or os.path.join(
+        "runs", f"{args.method}-u{args.u}-tie{args.tie}-{stamp or time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")  # one per rank under torchrun
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot write there ({e.strerror}); pick a writable folder.") from None
+    if args.resume is None and os.path.exists(os.path.join(out, "state.pt")):
+        raise SystemExit(f"--out {out} already holds a run; continue it with --resume {out} or pick another --out.")
+    return out
+
+
+def record_eval(out: str, step: int, rows: list, summary: dict):
+    """RUN/eval/stepNNNNNN.jsonl (one record per example, in the dataset's order) and the metrics.jsonl line."""
+    write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+        os.path.join(out, "eval", f"step{step:06d}.jsonl"),
+    )
+    append_jsonl(os.path.join(out, "metrics.jsonl"), {"event": "eval", "step": step} | summary)
 
 
 def git_revision() -> str:

@@ -268,19 +268,7 @@ def check_args(args, stamp=None, world=1):
             f"--tie {args.tie} is larger than the {n_modules} adaptable modules of {args.model} "
             f"({cfg.num_hidden_layers} layers x 7); use --tie {n_modules} to share one v across all."
         )
-    out = args.out or os.path.join(
-        "runs", f"{args.method}-u{args.u}-tie{args.tie}-{stamp or time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test-{os.getpid()}")  # one per rank under torchrun
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"--out {out}: cannot write there ({e.strerror}); pick a writable folder.") from None
-    if args.resume is None and os.path.exists(os.path.join(out, "state.pt")):
-        raise SystemExit(f"--out {out} already holds a run; continue it with --resume {out} or pick another --out.")
-    args.out = out
+    args.out = runs.prepare_out(args, stamp)
     return path, cfg, sha
 
 
@@ -591,11 +579,8 @@ def evaluate(args, model, adapter, tok, evalset, step, rank, rep):
     rows = parallel.gather(rows, len(evalset))  # None on ranks other than 0
     if rows is None:
         return
-    runs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), path)
     res = {k: v for k, v in evaluation.summarize(rows, args.reward).items() if isinstance(v, (int, float, str, bool))}
-    runs.append_jsonl(
-        os.path.join(args.out, "metrics.jsonl"), {"event": "eval", "step": step, "t_eval": time.time() - t0} | res
-    )
+    runs.record_eval(args.out, step, rows, res | {"t_eval": time.time() - t0})
     rep.log(step, res, prefix="eval/")
     shown = [f"{k} {res[k]:.3f} [{res[k + '_lo']:.3f}, {res[k + '_hi']:.3f}]" for k in EVAL_KEYS if k in res]
     tqdm.write(f"eval step {step} (n={res.get('n')}, {time.time() - t0:.0f}s): " + " | ".join(shown))
