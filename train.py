@@ -79,7 +79,7 @@ RECIPES = {  # choice 1; the marks are in the header (choices 2-10)
                  entropy_coef=0.001, max_prompt_tokens=1024, reward="official"),
 }  # fmt: skip
 RECIPE_TABLE = "\n".join(  # --help's epilog: the effective defaults of each recipe
-    ["recipes (--recipe NAME; a flag given explicitly wins):", " " * 23 + "".join(f"{n:<28}" for n in RECIPES)]
+    ["recipes (--recipe NAME; a flag given explicitly wins):", " " * 25 + "".join(f"{n:<28}" for n in RECIPES).rstrip()]
     + [f"  --{k.replace('_', '-'):<21}" + "".join(f"{str(r[k]):<28}" for r in RECIPES.values()).rstrip()
        for k in RECIPES["gsm8k"]]
     + ["  (None: the data's own; both: --max-new-tokens the task's, 4096 / 3072; evaluation on the task's test set)"]

@@ -61,11 +61,12 @@ def setup(make_checkpoint, tmp_path_factory):
 def train_argv(setup, out, *extra):
     # temperature 1 (the paper's), 4 prompts x G 4 per step, sampled 2 prompts per call: one call per rank with 2
     # ranks, two calls with 1, so both runs draw the same noise (train.py choice 9); --seed 1 gives a reward signal in
-    # the first step (the tiny model answers few additions; with sample.py's counter-based draws seed 0 gives none)
+    # the first step (the tiny model answers few additions; with sample.py's counter-based draws seed 0 gives none);
+    # --mini-batches 1: one update a step, so update k is step k
     return ["--device", "cpu", "--model", setup["ckpt"], "--data", setup["data"], "--out", str(out), "--G", "4",
             "--prompts-per-step", "4", "--sample-batch", "2", "--max-new-tokens", "16", "--temperature", "1.0",
             "--eval-limit", "3", "--eval-every", "0", "--micro-batch", "8", "--lr", "0.05", "--reward", "flexible",
-            "--u", "2", "--tie", "7", "--max-steps", "4", "--save-every", "2",
+            "--u", "2", "--tie", "7", "--max-steps", "4", "--save-every", "2", "--mini-batches", "1",
             "--dist-timeout", "20", "--seed", "1", *extra]  # fmt: skip
 
 

@@ -590,3 +590,36 @@ def test_memory_plan_is_printed_and_auto_settings_are_recorded(tiny, tmp_path, c
     args = json.load(open(out / "args.json"))
     assert isinstance(args["micro_batch_tokens"], int) and args["micro_batch_tokens"] > 0  # auto, chosen
     assert args["grad_checkpointing"] is False  # a tiny model fits without recomputation
+
+
+def test_system_prompt_and_enable_thinking_reach_every_prompt(tiny, tmp_path, monkeypatch):
+    import model
+
+    calls, real = [], model.Tokenizer.render
+
+    def spy(self, messages, add_generation_prompt=True, **template_vars):
+        calls.append((messages, template_vars))
+        return real(self, messages, add_generation_prompt, **template_vars)
+
+    monkeypatch.setattr(model.Tokenizer, "render", spy)
+    out = tmp_path / "run"
+    run(base_args(tiny, out, "--system-prompt", "Be brief.", "--enable-thinking", "--max-steps", 1, "--eval-limit", 2))
+    assert len(calls) >= 24 + 2  # every training prompt (length filter, the step) and every evaluation prompt
+    assert all(
+        m[0] == {"role": "system", "content": "Be brief."} and kw == {"enable_thinking": True} for m, kw in calls
+    )
+    prompt = json.loads(open(out / "eval" / "step000000.jsonl").readline())["prompt"]
+    assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_report_to_tensorboard_gets_the_steps_and_evaluations(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    from test_report import tensorboard_scalars
+
+    out = tmp_path / "run"
+    run(base_args(tiny, out, "--report-to", "tensorboard", "--max-steps", 2, "--eval-every", 1))
+    scalars, config = tensorboard_scalars(out / "tensorboard")
+    assert [s for s, _ in scalars["reward"]] == [1, 2] and [s for s, _ in scalars["lr"]] == [1, 2]
+    assert [s for s, _ in scalars["eval/accuracy"]] == [0, 1, 2]
+    assert [v for _, v in scalars["reward"]] == pytest.approx([r["reward"] for r in records(out)])
+    assert '"recipe": "gsm8k"' in config
