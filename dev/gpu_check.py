@@ -31,7 +31,8 @@ Choices (*ours*):
    so that row i draws its stop token at step L_i - 1 and never before; compaction, CUDA graphs and the KV cache run
    unchanged, so the timed call is the lock-step call a real step with those lengths makes. A forced token's logp is
    the drawn one's (the TIS weights are then noise; the time and memory of training do not depend on them).
-2. Rewards are random 0/1 (the step's cost does not depend on them); grading (CPU, ~ms) and evaluation are not timed.
+2. Rewards are random 0/1, never equal within a group (the step's cost does not depend on them, and v gets a
+   gradient); grading (CPU, ~ms a step) and evaluation are not timed.
 3. The 3-epoch projection is 348 x (sampling + training) of the one measured step: GSM8K's 7,473 prompts / 64.
 """
 
@@ -313,7 +314,9 @@ def stage_grpo_step(dry):
     assert got == lengths, f"forced lengths not honoured: {got[:8]} vs {lengths[:8]}"
     out["tokens_sampled"] = int(sum(got))
     # 2) training: the GRPO pass over the 256 rollouts (memory.py's micro-batches) and the optimizer step
-    rewards = (torch.rand(P * G, generator=g) < 0.5).float()
+    rewards = (torch.rand(P, G, generator=g) < 0.5).float()
+    rewards[:, 0] = 1 - rewards[:, 1]  # every group has a signal, so the gradient of v is not zero
+    rewards = rewards.flatten()  # (P * G,) prompt-major
     adv = grpo.group_advantages(rewards, G).to(dev)
     opt = torch.optim.AdamW(adapter.params, lr=1e-5, weight_decay=0.0)
     if dev.type == "cuda":
@@ -392,7 +395,7 @@ def environment():
     }
 
 
-def run_all(out_dir, dry, stages, budget):
+def run_all(out_dir, dry, stages, budget, skip=()):
     out_dir.mkdir(parents=True, exist_ok=True)
     t0, results = time.time(), {}
     for name in stages:
@@ -400,6 +403,10 @@ def run_all(out_dir, dry, stages, budget):
         cap *= DRY_SLOWER if dry else 1
         left = budget - (time.time() - t0) - RESERVE_S
         limit = int(min(cap, left))
+        if name in skip:
+            results[name] = {"status": "skipped", "note": "--skip"}
+            print(f"== {name}: skipped (--skip)", flush=True)
+            continue
         if limit < MIN_STAGE_S:
             results[name] = {
                 "status": "skipped",
@@ -614,6 +621,7 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="every stage on CPU at tiny sizes (figures meaningless)")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES), help="a subset, in order")
     ap.add_argument("--budget", type=int, default=BUDGET_S, help="seconds for all stages together")
+    ap.add_argument("--skip", nargs="*", default=[], choices=list(STAGES), help="stages recorded as skipped, not run")
     ap.add_argument("--run-stage", default=None, choices=list(STAGES), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if os.environ.get("DRY") == "1":
@@ -627,7 +635,7 @@ def main(argv=None):
 
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU visible to torch: run the CPU dry run with --dry-run (or DRY=1)")
-    rep = run_all(Path(args.out), args.dry_run, args.stages, args.budget)
+    rep = run_all(Path(args.out), args.dry_run, args.stages, args.budget, args.skip)
     bad = [n for n, r in rep["stages"].items() if r["status"] not in ("ok", "skipped")]
     fails = [t["what"] for t in rep["targets"] if t["pass"] is False]
     if bad or fails:
