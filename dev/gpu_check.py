@@ -119,7 +119,7 @@ def stage_rehearse(dry):
                     generator=torch.Generator(dev).manual_seed(0),
                 )
             Lp = len(prompts[0])
-            ids = torch.randint(0, 384, (1, Lp + T), device=dev)
+            ids = torch.randint(0, 384, (1, Lp + min(T, 512)), device=dev)  # the layout, not the length, picks
             cmask = torch.zeros_like(ids, dtype=torch.bool)
             cmask[:, Lp:] = True
             grpo.token_logprobs(net, ids, cmask, Lp)  # with grad on: the training layout
@@ -588,6 +588,14 @@ def markdown(rep):
     lines += ["", "| target | measured | target | |", "|---|---|---|---|"]
     for t in rep["targets"]:
         lines.append(f"| {t['what']} | {t['value'] or '—'} | {t['target']} | {mark[t['pass']]} |")
+    rh = result(rep["stages"], "rehearse")
+    if rh:
+        lines += ["", "Rehearsal (7B, 196 matrices): SDPA backend of each attention call shape:", ""]
+        lines += [f"- {a['backend']}: {a['call']}" for a in rh["attention"]]
+        lines += ["", f"Peaks: sampling {rh['peak_sampling'] / GB:.1f} GB (plan {rh['plan_sampling'] / GB:.1f}), "
+                  f"training {rh['peak_training'] / GB:.1f} GB (plan {rh['plan_training'] / GB:.1f}; "
+                  f"{rh['train_rows']} rows x {rh['context']} tokens); sampling {rh['t_sample']:.1f} s for "
+                  f"{rh['tokens_sampled']} tokens, attach {rh['t_attach']:.1f} s."]  # fmt: skip
     kb = (result(rep["stages"], "kernel_bench") or {}).get("rows")
     if kb:
         xas = list(kb[0]["xa_us"])
