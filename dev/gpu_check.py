@@ -590,7 +590,8 @@ def markdown(rep):
         lines.append(f"| {t['what']} | {t['value'] or '—'} | {t['target']} | {mark[t['pass']]} |")
     rh = result(rep["stages"], "rehearse")
     if rh:
-        lines += ["", "Rehearsal (7B, 196 matrices): SDPA backend of each attention call shape:", ""]
+        head = f"Rehearsal ({rh['layers']} layers, {rh['modules']} matrices)"
+        lines += ["", f"{head}: SDPA backend of each attention call shape:", ""]
         lines += [f"- {a['backend']}: {a['call']}" for a in rh["attention"]]
         lines += ["", f"Peaks: sampling {rh['peak_sampling'] / GB:.1f} GB (plan {rh['plan_sampling'] / GB:.1f}), "
                   f"training {rh['peak_training'] / GB:.1f} GB (plan {rh['plan_training'] / GB:.1f}; "
