@@ -25,6 +25,7 @@ U, M, V came from, and an SVD of 196 7B matrices would take minutes.
 import argparse
 import contextlib
 import functools
+import json
 import os
 import sys
 import time
@@ -334,11 +335,19 @@ def bench_kernel(args):
                 best = min(best, (t, (bm, bn, bk, gm, w, s)), key=lambda z: z[0])
             t_best = t_xa[xa_best]
             gbs = (W.numel() + 2 * x.numel() + M * N) * 2 / (t_best * 1e-6) / 1e9  # W, x (twice), y bytes
+            record(args, proj=name, M=M, N=N, K=K, cublas_us=t_ref, xa_us=t_xa, best_xa=xa_best, ratio=t_best / t_ref,
+                   gb_s=gbs, torch_us=t_torch, best_config_us=best[0], best_config=best[1])  # fmt: skip
             print(
                 f"{name:>9} {M:5d} {t_ref:9.1f} "
                 + " ".join(f"{t_xa[xa]:9.1f}" for xa in xas)
                 + f" {xa_best:>6} {t_best / t_ref:6.2f} {gbs:7.0f} {t_torch:9.1f} {best[0]:11.1f} {best[1]}"
             )
+
+
+def record(args, **row):
+    """One printed row, kept for --json (dev/gpu_check.py reads them)."""
+    if getattr(args, "records", None) is not None:
+        args.records.append(row)
 
 
 def random_model(size, dev="cuda", dtype=torch.bfloat16):
@@ -434,6 +443,9 @@ def bench_sampler(args):
                         step = max(min(steps), 1e-9)
                         kv_bytes = 2 * L * batch * Hkv * (ctx + (n1 + n2) // 2) * D * nbytes  # live keys + values
                         gb = (w_bytes + kv_bytes) / 1e9
+                        record(args, size=size, ctx=ctx, batch=batch, decode=decode, adapter=adapter,
+                               ms_step=step * 1e3, tokens_s=batch / step, gb_step=gb, roofline=gb * 1e9 / step / bw,
+                               bandwidth_tb_s=bw / 1e12)  # fmt: skip
                         print(
                             f"{size:>5} {ctx:5d} {batch:5d} {decode:>7} {adapter:>7} {step * 1e3:8.2f} "
                             f"{batch / step:9.0f} {gb:8.2f} {100 * gb * 1e9 / step / bw:9.1f}%",
@@ -460,10 +472,14 @@ if __name__ == "__main__":
     p.add_argument("--decodes", nargs="+", default=["live", "graph"], choices=sample.DECODES[1:])
     p.add_argument("--steps", type=int, default=32, help="sampler: decode steps timed")
     p.add_argument("--device", default="cuda", help="kernel/sampler: 'cpu' only for a dry run at --sizes tiny")
+    p.add_argument("--json", default=None, help="kernel/sampler: also write the table's rows to this JSON file")
     args = p.parse_args()
+    args.records = []
     args.shapes = SHAPES_7B if args.device == "cuda" else {"q_proj": (40, 72), "down_proj": (24, 1000)}
     if args.what in ("kernel", "sampler") and args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--what {args.what} needs a CUDA GPU (none visible to torch here)")
     benches = {"cpu": bench_cpu, "gemm": bench_gemm, "mismatch": bench_mismatch}
     benches |= {"kernel": bench_kernel, "sampler": bench_sampler}
     benches[args.what](args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(args.records, indent=1))

@@ -71,8 +71,10 @@ def build_in_memory(cfg_dict, dev, dtype=torch.bfloat16, seed=0):
     return net.eval()
 
 
-def rehearse_in_memory(args):
-    """Attach, one sampling call, one training micro-batch: each phase's time and peak beside memory.py's plan."""
+def rehearse_in_memory(args, probe=None):
+    """Attach, one sampling call, one training micro-batch: each phase's time and peak beside memory.py's plan.
+    probe(net, prompts, G, T) -> dict, if given, runs after attach and before the sampling call (its figures join the
+    result): dev/gpu_check.py records the attention backends there."""
     import grpo
     import sample
     import tinylora
@@ -104,6 +106,8 @@ def rehearse_in_memory(args):
     # 1) one sampling call of P x G rows, prompts of Lp tokens, up to T new ones (no stop token: the longest case)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, min(cfg_dict["vocab_size"], 384), (P, Lp), generator=g).tolist()
+    if probe is not None:
+        out |= probe(net, prompts, G, T)
     reset_peak(dev)
     t = now(dev)
     ro = sample.generate(net, prompts, G=G, max_new_tokens=T, temperature=1.0, stop_ids=[], pad_id=0,
@@ -196,12 +200,14 @@ def main(argv=None):
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=3584, help="in-memory: new tokens (context = prompt + this)")
     ap.add_argument("--new-tokens-cpu", type=int, default=4, help="CPU path: --max-new-tokens of the train.py run")
+    ap.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU here; dry-run that path with --device cpu --in-memory --tiny")
-    if args.in_memory or args.device.startswith("cuda"):
-        return rehearse_in_memory(args)
-    return rehearse_cpu(args)
+    out = rehearse_in_memory(args) if args.in_memory or args.device.startswith("cuda") else rehearse_cpu(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return out
 
 
 if __name__ == "__main__":
