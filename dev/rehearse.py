@@ -165,7 +165,7 @@ def rehearse_cpu(args):
     cmd = [sys.executable, str(ROOT / "train.py"), "--device", "cpu", "--dtype", "bfloat16", "--model", str(folder),
            "--data", str(data / "train.jsonl"), "--eval-data", str(data / "test.jsonl"), "--prompts-per-step", "1",
            "--G", "2", "--max-new-tokens", str(args.new_tokens_cpu), "--eval-limit", "1", "--eval-every", "0",
-           "--max-steps", "1", "--u", "1", "--tie", str(7 * L), "--mini-batches", "1",
+           "--max-steps", "1", "--u", "1", "--tie", str(7 * L), "--mini-batches", "1", "--max-prompt-tokens", "0",
            "--out", str(out_dir)]  # fmt: skip
     print(" ".join(cmd))
     t0 = time.time()

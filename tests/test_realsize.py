@@ -169,7 +169,7 @@ def qwen_runs(realsize, tmp_path_factory):
     base = ["--device", "cpu", "--dtype", "bfloat16", "--model", str(ckpt), "--data", str(tmp / "train.jsonl"),
             "--eval-data", str(tmp / "test.jsonl"), "--prompts-per-step", "1", "--G", "2", "--max-new-tokens", "2",
             "--eval-limit", "1", "--eval-every", "0", "--save-every", "1", "--u", "1", "--tie", "14",
-            "--lr", "0.05", "--mini-batches", "1"]  # fmt: skip
+            "--lr", "0.05", "--mini-batches", "1", "--max-prompt-tokens", "0"]  # fmt: skip
     grpo_dir, sft_dir = tmp / "grpo", tmp / "sft"
     train.main([*base, "--out", str(grpo_dir), "--max-steps", "1"])
     st1 = torch.load(grpo_dir / "state.pt", weights_only=False)
