@@ -304,6 +304,9 @@ def write_figure(rows: list[dict], best: list[dict], path: str, title: str):
             x, y = [g["bytes"] for g in pts], [100 * g["mean"] for g in pts]
             err = [[100 * (g["mean"] - g["min"]) for g in pts], [100 * (g["max"] - g["mean"]) for g in pts]]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colors[algo], label=labels[algo])
+            for g, xi, yi in zip(pts, x, y):  # which adapter each point is, and its best lr
+                ax.annotate(f"{g['size']}\nlr {g['lr']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4),
+                            fontsize=6, color=colors[algo])  # fmt: skip
         for g in (g for g in best if g["algo"] == algo and g["method"] == "full"):
             ax.axhline(100 * g["mean"], ls="--", color=colors[algo], label=f"full fine-tuning, {labels[algo]}")
     base = [r["base_accuracy"] for r in rows if r.get("base_accuracy") is not None]
@@ -312,7 +315,8 @@ def write_figure(rows: list[dict], best: list[dict], path: str, title: str):
     ax.set_xscale("log")
     ax.set_xlabel("update size (bytes, log scale)")
     ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title(title, fontsize=10)
+    n_seeds = max((len(g["seeds"]) for g in best), default=0)
+    ax.set_title(f"{title}\nbest lr per size; mean of {n_seeds} seeds, bars: min..max over seeds", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
