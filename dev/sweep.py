@@ -100,7 +100,7 @@ def make_data(folder: str) -> str:
 
 
 def points(grid: dict) -> list[dict]:
-    """Every (size, algo, lr, seed) of the grid, in the order they run: cheap sizes first."""
+    """Every (size, algo, lr, seed) of the grid, in the order they run (the grid's sizes in order)."""
     for key in ("flags", "sizes", "algos", "lrs", "seeds"):
         if key not in grid:
             raise ValueError(f"the grid has no {key!r}; see SMOLLM2_ADD in dev/sweep.py for the shape of one")
@@ -134,7 +134,9 @@ def known_flags() -> set:
 
 
 def train_command(grid: dict, pt: dict, run_dir: str, data: str, known: set) -> list[str]:
-    flags = {"model": os.path.expanduser(grid["model"]), "data": data, "eval-data": data} | grid["flags"]
+    model = os.path.expanduser(grid["model"])
+    model = os.path.abspath(model) if os.path.exists(model) else model  # a local folder, else a Hub id
+    flags = {"model": model, "data": data, "eval-data": data} | grid["flags"]
     flags |= {k: v for k, v in pt["size"].items()}  # method, u, tie, r: a size's own r overrides the base r
     flags |= {"algo": pt["algo"], "lr": pt["lr"], "seed": pt["seed"], "out": run_dir}
     missing = sorted(k for k in flags if k not in known and k not in OPTIONAL)
@@ -365,8 +367,9 @@ def main(argv=None) -> dict:
         raise SystemExit("--jobs must be at least 1.")
     grid = GRIDS[args.grid] if args.grid else json.load(open(args.grid_json))
     title = f"{args.grid or os.path.basename(args.grid_json)}: accuracy vs update size"
+    args.out = os.path.abspath(args.out)  # train.py runs in the repository root: no path may be relative
     pts = points(grid)
-    data = grid.get("data") or os.path.join(args.out, "data")
+    data = os.path.abspath(os.path.expanduser(grid.get("data") or os.path.join(args.out, "data")))
     if not os.path.exists(os.path.join(data, "train.jsonl")) and not grid.get("data") and not args.dry_run:
         make_data(data)
     check_data(grid, data)
@@ -398,6 +401,8 @@ def main(argv=None) -> dict:
             shutil.rmtree(run_dir)
         rc = launch(cmd, run_dir)
         print(f"{'ok' if rc == 0 else f'FAILED (exit {rc})'}: {run_name(pt)} ({st}); log in {run_dir}/train.log")
+        if rc == 0 and state(run_dir, steps) != "done":  # e.g. --epochs ran out, or a final eval line was removed
+            print(f"  {run_name(pt)} exited without an evaluation at step {steps}: see its train.log")
         return rc
 
     todo = [p for p in plan if p[2] != "done"]
