@@ -24,6 +24,7 @@ Choices (*paper*: "Learning to Reason in 13 Parameters"; *ours*: made here):
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -125,12 +126,13 @@ def run_name(pt: dict) -> str:
     return f"{pt['algo']}-{size_name(pt['size'])}-lr{pt['lr']:g}-s{pt['seed']}"
 
 
-def known_flags() -> set:
-    """The flags this train.py accepts, from its --help (choice 3)."""
+@functools.cache
+def known_flags() -> frozenset:
+    """The flags this train.py accepts, from its --help (choice 3); asked once a process."""
     r = subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     if r.returncode != 0:
         raise SystemExit(f"`python train.py --help` failed:\n{r.stderr[-2000:]}")
-    return set(re.findall(r"--([a-zA-Z][\w-]*)", r.stdout))
+    return frozenset(re.findall(r"--([a-zA-Z][\w-]*)", r.stdout))
 
 
 def train_command(grid: dict, pt: dict, run_dir: str, data: str, known: set) -> list[str]:
@@ -318,7 +320,8 @@ def write_figure(rows: list[dict], best: list[dict], path: str, title: str):
     ax.set_xlabel("update size (bytes, log scale)")
     ax.set_ylabel("held-out accuracy (%)")
     n_seeds = max((len(g["seeds"]) for g in best), default=0)
-    ax.set_title(f"{title}\nbest lr per size; mean of {n_seeds} seeds, bars: min..max over seeds", fontsize=9)
+    seeds = f"{n_seeds} seed" + "s" * (n_seeds != 1)
+    ax.set_title(f"{title}\nbest lr per size; mean of {seeds}, bars: min..max over seeds", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
