@@ -21,6 +21,8 @@ Choices (*paper*: "Learning to Reason in 13 Parameters"; *ours*: made here):
 5. CPU time of a run: user + system time of its train.py process from os.wait4, summed over invocations in the
    run folder's cpu.jsonl (*ours*; getrusage(RUSAGE_CHILDREN) would mix runs that overlap under --jobs).
 6. Train reward is reported as the mean of the first k steps -> the mean of the last k, k = steps // 3 (*ours*).
+7. A finished full fine-tuning run drops its state.pt (the weights and Adam's moments: GBs per run) unless
+   --keep-state; its adapter.safetensors stays. Extending it to more steps then starts it again (*ours*).
 """
 
 import argparse
@@ -360,6 +362,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--jobs", type=int, default=1, help="runs at the same time (one thread each)")
     ap.add_argument("--dry-run", action="store_true", help="print each run's state and command; run nothing")
     ap.add_argument("--make-data", metavar="DIR", help="write the additions data to DIR and exit")
+    ap.add_argument("--keep-state", action="store_true", help="keep finished full fine-tuning runs' state.pt")
     args = ap.parse_args(argv)
     if args.make_data:
         print(f"wrote {make_data(args.make_data)}/train.jsonl (228) and test.jsonl (96)")
@@ -406,6 +409,8 @@ def main(argv=None) -> dict:
         print(f"{'ok' if rc == 0 else f'FAILED (exit {rc})'}: {run_name(pt)} ({st}); log in {run_dir}/train.log")
         if rc == 0 and state(run_dir, steps) != "done":  # e.g. --epochs ran out, or a final eval line was removed
             print(f"  {run_name(pt)} exited without an evaluation at step {steps}: see its train.log")
+        elif rc == 0 and pt["size"]["method"] == "full" and not args.keep_state:  # choice 7
+            os.remove(os.path.join(run_dir, "state.pt"))
         return rc
 
     todo = [p for p in plan if p[2] != "done"]
