@@ -301,10 +301,11 @@ def main(argv=None):
     import torch
 
     import model as M
+    import tokenizer as T
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     net = M.load_model(args.model, dtype=dtype, device=args.device, revision=args.revision)
-    tok = M.Tokenizer(args.model, revision=net.source["sha"])  # the commit the weights came from (None: a folder)
+    tok = T.Tokenizer(args.model, revision=net.source["sha"])  # the commit the weights came from (None: a folder)
     if adapter:
         export.load_adapter(adapter, net)
     # 3) generate, grade, report

@@ -287,7 +287,8 @@ def generate(
 
 
 if __name__ == "__main__":
-    from model import Tokenizer, load_model
+    from model import load_model
+    from tokenizer import Tokenizer
 
     p = argparse.ArgumentParser(description="Sample completions of one chat prompt with the batched sampler.")
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="local folder or Hub id")

@@ -45,7 +45,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -57,7 +56,6 @@ import data
 import eval as evaluation
 import export
 import grpo
-import hub
 import parallel
 import report
 import runs
@@ -65,8 +63,6 @@ import sample
 import tinylora
 
 EVAL_KEYS = ("strict", "flexible", "official", "accuracy")  # what eval.evaluate reports (with _lo/_hi 95% bounds)
-DATASETS_HINT = "gsm8k, math_train (the Hub), or a local .jsonl/.parquet with question/answer fields"
-
 # -----------------------------------------------------------------------------
 # args: one flat block, grouped; names follow the paper's symbols. Flags whose default is None take the recipe's.
 
@@ -195,149 +191,6 @@ def saved_defaults(saved: dict) -> dict:
     """Every flag's default for a saved run: its recipe's; a run made before recipes existed had a constant lr."""
     old = {} if "recipe" in saved else {"warmup": 0.0}
     return vars(with_recipe(p.parse_args(["--recipe", saved.get("recipe", "gsm8k")]))) | old
-
-
-# -----------------------------------------------------------------------------
-# checks before anything slow: bad values, no GPU, offline, unwritable output
-
-
-OFFLINE_HELP = (
-    "To run without the Hub, download elsewhere and point at local copies:\n"
-    "  hf download Qwen/Qwen2.5-7B-Instruct --local-dir DIR   ->  --model DIR\n"
-    "  a GSM8K .jsonl (question/answer fields)                 ->  --data train.jsonl --eval-data test.jsonl\n"
-    "On a machine without a GPU add --device cpu and a small model, e.g. SmolLM2-135M-Instruct, with small\n"
-    "settings: --prompts-per-step 4 --max-new-tokens 128 --eval-limit 50."
-)
-
-
-def model_config(args):
-    """(local folder or None, Config, Hub commit or None) for --model without loading weights; fails fast offline.
-    A resumed run reads the commit it recorded."""
-    from model import load_config
-
-    if os.path.isdir(args.model):
-        return args.model, load_config(args.model), None
-    if not hub.is_hub_id(args.model):
-        raise SystemExit(f"--model {args.model}: no such folder (and not a Hub id like Qwen/Qwen2.5-7B-Instruct).")
-    revision = (getattr(args, "sources", None) or {}).get("model", {}).get("sha") or args.revision
-    try:  # config.json alone; the local cache when offline, never a wait on the network
-        cfg, sha = hub.read_hub_config(args.model, revision)
-    except hub.HubError as e:
-        raise SystemExit(f"--model {args.model}: {e}\n{OFFLINE_HELP}") from None
-    return None, cfg, sha
-
-
-POSITIVE = ("r", "u", "tie", "G", "prompts_per_step", "max_new_tokens", "chunk", "mu", "mini_batches")
-
-
-def check_args(args, stamp=None, world=1):
-    if args.tie is None:  # the paper's 13 parameters on Qwen2.5-7B for TinyLoRA; no sharing for the baselines
-        args.tie = 16 if args.method == "tinylora" else 1
-    for name in POSITIVE:  # max_new_tokens None: the task's, once the data is known
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
-    mbt = 1 if args.micro_batch_tokens == "auto" else args.micro_batch_tokens
-    if args.micro_batch < 0 or mbt < 0 or not (args.micro_batch or mbt):
-        raise SystemExit("--micro-batch (rows) and --micro-batch-tokens (padded tokens) must be >= 0, one of them > 0.")
-    share = args.prompts_per_step // world  # a rank's prompts (parallel.init checked that N divides them)
-    if share % args.mini_batches:
-        raise SystemExit(
-            f"--mini-batches {args.mini_batches} must divide the {share} prompts of a step"
-            + (f" on each of {world} ranks" if world > 1 else "")
-            + ": a mini-batch holds whole groups."
-        )
-    if args.algo == "grpo" and args.G < 2:
-        raise SystemExit("--G must be at least 2 for GRPO: advantages compare completions within a group.")
-    if args.temperature <= 0:
-        raise SystemExit("--temperature must be > 0 for training (the loss needs a sampling distribution).")
-    if args.epochs <= 0 or args.lr <= 0 or not 0 <= args.warmup < 1 or args.entropy_coef < 0:
-        raise SystemExit("--epochs and --lr must be positive, --warmup in [0, 1), --entropy-coef >= 0.")
-    kinds = [k.strip().lower() for k in (args.report_to or "").split(",") if k.strip()]
-    if any(k not in (*report.KINDS, "none") for k in kinds):
-        raise SystemExit(f"--report-to {args.report_to}: use wandb, tensorboard or both (wandb,tensorboard).")
-    if args.device is None and not torch.cuda.is_available():
-        raise SystemExit(f"No CUDA GPU found. The default setup (a 7B model) needs one.\n{OFFLINE_HELP}")
-    path, cfg, sha = model_config(args)
-    n_modules = cfg.num_hidden_layers * 7
-    if args.method in ("lora", "full") and args.tie != 1:
-        raise SystemExit(f"--tie shares v between modules; --method {args.method} has no v, so drop --tie.")
-    if args.method == "full" and args.kl:
-        raise SystemExit("--kl needs the base model as reference, which --method full overwrites; use --kl 0.")
-    if args.tie > n_modules:
-        raise SystemExit(
-            f"--tie {args.tie} is larger than the {n_modules} adaptable modules of {args.model} "
-            f"({cfg.num_hidden_layers} layers x 7); use --tie {n_modules} to share one v across all."
-        )
-    args.out = runs.prepare_out(args, stamp)
-    return path, cfg, sha
-
-
-def eval_source(args) -> tuple[str, str]:
-    """(dataset or file, split) to evaluate on (choice 12): --eval-data, a named set's test set (math_train ->
-    math500), a folder's test file, or the test file beside a local training file. Never the training file itself."""
-    if args.eval_data:
-        return args.eval_data, "test"
-    if args.data in data.DATASETS or os.path.isdir(args.data):
-        return data.default_eval_set(args.data)
-    folder = os.path.dirname(os.path.abspath(args.data))
-    for ext in (".jsonl", ".json", ".parquet"):
-        sibling = os.path.join(folder, "test" + ext)
-        if os.path.isfile(sibling) and not os.path.samefile(sibling, args.data):
-            return sibling, "test"
-    raise SystemExit(
-        f"--data {args.data}: there is no test.jsonl/.json/.parquet beside it, so the run would evaluate on its own "
-        "training file. Add --eval-data FILE (a held-out set), or --no-eval."
-    )
-
-
-def load_data(args, tok):
-    """(training set, evaluation set or None, steps of --epochs), or a SystemExit that says what to pass instead."""
-    try:
-        train = data.load_dataset(args.data, split="train", style=args.prompt_style)
-        evalset = None
-        if not args.no_eval:
-            name, split = eval_source(args)
-            evalset = data.load_dataset(name, split=split, limit=args.eval_limit or None, style=args.prompt_style)
-    except (ValueError, FileNotFoundError, hub.HubError) as e:
-        raise SystemExit(f"--data/--eval-data: {e}\nKnown: {DATASETS_HINT}.\n{OFFLINE_HELP}") from None
-    args.max_new_tokens = args.max_new_tokens or data.response_tokens(train)  # the task's (choice 9)
-    lens = [len(prompt_ids(args, tok, ex)) for ex in train]
-    if args.max_prompt_tokens:  # choice 9: dropped, never cut; the evaluation set stays whole
-        n, N = len(train), args.max_prompt_tokens
-        train, lens = [ex for ex, k in zip(train, lens) if k <= N], [k for k in lens if k <= N]
-        print(f"--max-prompt-tokens {N}: dropped {n - len(train):,} of {n:,} training prompts longer than that")
-    B = args.prompts_per_step
-    if len(train) < B:
-        why = " after --max-prompt-tokens" if args.max_prompt_tokens else ""
-        raise SystemExit(f"--prompts-per-step {B} is larger than the training set ({len(train)} examples{why}).")
-    path = data.load.hub_file(args.data, "train") if args.data in data.DATASETS else args.data
-    args.sources = {"data": hub.source_record(args.data, None, path)}  # the model's is added once it is loaded
-    return train, evalset, math.floor(args.epochs * (len(train) // B)), max(lens)
-
-
-def plan_memory(args, cfg, longest: int, world: int):
-    """Choice 15: memory.py's plan from the shapes, printed before any weight loads; the `auto` settings are taken
-    from it, and a run that cannot fit stops with the setting to change."""
-    import memory
-
-    args.grad_checkpointing = {"on": True, "off": False}.get(args.grad_checkpointing, args.grad_checkpointing)
-    plan, advice = memory.plan_for_run(cfg, args, max_prompt_tokens=longest, world=world)
-    print(memory.format_plan(plan, memory.free_memory(args.device or "cuda")))
-    if advice:
-        raise SystemExit(f"memory: {advice}")
-    if args.micro_batch_tokens == "auto":
-        args.micro_batch_tokens = plan.settings["micro_batch_tokens"]
-    if args.grad_checkpointing == "auto":
-        args.grad_checkpointing = plan.settings["grad_checkpointing"]
-
-
-def template_vars(args) -> dict:
-    return {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking}
-
-
-def prompt_ids(args, tok, ex) -> list[int]:
-    """An example's prompt tokens: its stamped style, --system-prompt, the model's chat template."""
-    return tok.apply_chat_template(data.build_messages(ex, system=args.system_prompt), **template_vars(args))
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
@@ -471,7 +324,7 @@ def grpo_step(args, model, adapter, tok, gen, batch, prompts, step, first):
     updates, stats = grpo_updates(args, model, adapter, ro, adv, tok.pad_id)
 
     def log():
-        m = grpo_metrics(reduce_stats(merge_stats(stats)), ro, grades, rewards, args.G)
+        m = runs.grpo_metrics(reduce_stats(merge_stats(stats)), ro, grades, rewards, args.G)
         m["n_tokens"] = int(parallel.all_sum([float(ro.mask.sum())])[0])  # the global batch's
         keys = ("reward", "strict", "flexible", "official", "zero_var", "length", "truncated")  # equal shares, so
         m |= dict(zip(keys, parallel.all_mean([m[k] for k in keys])))  # the global mean is the mean of means
@@ -512,32 +365,6 @@ def sft_step(args, model, tok, batch, prompts):
     return [functools.partial(update, k) for k in range(len(rows)) for _ in range(args.mu)], log
 
 
-def grpo_metrics(s, ro, grades, rewards, G):
-    """The per-step log from grpo_backward's sums and the graded rollouts."""
-    groups, n = rewards.view(-1, G), max(s["tokens"], 1.0)
-    m = {"loss": s["loss"], "reward": float(rewards.mean())}
-    for kind in data.KINDS:  # choice 10: every GSM8K grader, whichever is the reward (MATH: the boxed grade)
-        m[kind] = sum(g.get(kind, g["correct"]) for g in grades) / len(grades)
-    m |= {"zero_var": float((groups.max(1).values == groups.min(1).values).float().mean())}  # no signal there
-    m |= {"length": float(ro.mask.sum(1).float().mean()), "clip": s["clipped"] / n, "kl": s["kl"] / n}
-    m |= {"entropy": s["entropy"] / n} if "entropy" in s else {}
-    m |= {"w_mean": s["w_sum"] / n, "w_min": s["w_min"], "w_max": s["w_max"]}
-    m |= {"mismatch": s["mismatch_sum"] / n, "mismatch_max": s["mismatch_max"]}
-    m |= {"truncated": sum(f == "length" for f in ro.finish) / len(ro.finish)}
-    return m
-
-
-def fmt_step(step, total, m):
-    v = f" | v {m['v']}" if "v" in m else ""
-    return (
-        f"step {step}/{total} | lr {m['lr']:.1e} | reward {m['reward']:.3f} | strict {m['strict']:.3f} flex "
-        f"{m['flexible']:.3f} official {m['official']:.3f} | zero-var {m['zero_var']:.2f} | len {m['length']:.0f} "
-        f"| clip {m['clip']:.3f} | kl {m['kl']:.2e} | w {m['w_mean']:.3f} [{m['w_min']:.3f}, {m['w_max']:.3f}] "
-        f"| mismatch {m['mismatch']:.1e} | gnorm {m['grad_norm']:.2e}{v} | {m['t_step']:.1f}s (sample "
-        f"{m['t_sample']:.1f} grade {m['t_grade']:.2f} train {m['t_train']:.1f}) | {m['tok_per_s']:.0f} tok/s"
-    )
-
-
 # -----------------------------------------------------------------------------
 # evaluation (choice 12) and the adapter's count
 
@@ -572,7 +399,7 @@ def evaluate(args, model, adapter, tok, evalset, step, rank, rep):
         evaluation.evaluate(
             model, tok, parallel.shard(evalset), batch_size=args.eval_batch_size, out_path=part, reward=args.reward,
             max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, system=args.system_prompt,
-            template_vars=template_vars(args), progress=rank == 0,
+            template_vars=runs.template_vars(args), progress=rank == 0,
         )  # fmt: skip
     rows = [json.loads(line) for line in open(part, encoding="utf-8")]
     os.remove(part)
@@ -609,13 +436,16 @@ def main(argv=None):
     # ---- args (and checks before anything slow)
     args = parse_args(argv)
     rank, world, local = parallel.init(args)  # choice 13: (0, 1, 0) without torchrun
-    path, cfg, sha = check_args(args, stamp=parallel.same_on_all_ranks(time.strftime("%Y%m%d-%H%M%S")), world=world)
-    from model import Tokenizer, load_model
+    path, cfg, sha = runs.check_args(
+        args, stamp=parallel.same_on_all_ranks(time.strftime("%Y%m%d-%H%M%S")), world=world
+    )
+    from model import load_model
+    from tokenizer import Tokenizer
 
     # ---- data (before the model: an unknown dataset fails in seconds)
     tok = Tokenizer(path or args.model, revision=sha)  # the commit config.json came from
-    train, evalset, epoch_steps, longest = load_data(args, tok)
-    plan_memory(args, cfg, longest, world)  # choice 15: before any weight loads
+    train, evalset, epoch_steps, longest = runs.load_data(args, tok)
+    runs.plan_memory(args, cfg, longest, world)  # choice 15: before any weight loads
     B, total = args.prompts_per_step, min(epoch_steps, args.max_steps or epoch_steps)
     warmup = int(args.warmup * epoch_steps)  # choice 4: of the --epochs schedule, whatever --max-steps says
     print(f"run {args.out}: {args.algo} on {args.data} ({args.recipe} recipe), {len(train):,} prompts, {total} steps "
@@ -662,7 +492,7 @@ def main(argv=None):
         t0 = time.time()
         first = rank * (B // world)  # choice 13: this rank's contiguous share; whole groups stay on one rank
         batch = step_examples(train, step, B, args.seed)[0][first : first + B // world]
-        prompts = [prompt_ids(args, tok, ex) for ex in batch]
+        prompts = [runs.prompt_ids(args, tok, ex) for ex in batch]
         if args.algo == "grpo":  # sample -> grade -> advantages
             updates, log = grpo_step(args, model, adapter, tok, gen, batch, prompts, step, first)
         else:
@@ -681,7 +511,7 @@ def main(argv=None):
         if n <= 16:
             m["v"] = [round(x, 6) for t in adapter.params for x in t.detach().flatten().tolist()]
         if rank == 0:
-            tqdm.write(fmt_step(step + 1, total, m))
+            tqdm.write(runs.fmt_step(step + 1, total, m))
             bar.set_postfix(reward=f"{m['reward']:.3f}")
             runs.append_jsonl(os.path.join(args.out, "metrics.jsonl"), {"event": "step", "step": step + 1} | m)
             rep.log(step + 1, m)

@@ -1,6 +1,6 @@
 """
 Prompt styles: what the user turn (and, for some styles, the system turn) says. The model's own chat template
-(model.Tokenizer.render) turns these messages into tokens; nothing here knows about tokens.
+(tokenizer.Tokenizer.render) turns these messages into tokens; nothing here knows about tokens.
 
     build_messages(example)                      -> [{"role": "user", "content": question + instruction}]
     build_messages(example, "boxed")             # any style, e.g. to ask a GSM8K question for a \\boxed{} answer

@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 import kernels  # noqa: E402
 import sample  # noqa: E402
-from model import Config, Tokenizer, Transformer, load_model, rope_inv_freq  # noqa: E402
+from model import Config, Transformer, load_model, rope_inv_freq  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_MODEL = Path(os.environ.get("TINYLORA_CACHE", Path.home() / ".cache" / "tinylora")) / "SmolLM2-135M-Instruct"
 QUESTIONS = [

@@ -69,7 +69,8 @@ def run_ours(args) -> dict:
     import grpo
     import sample
     import tinylora
-    from model import Tokenizer, load_model
+    from model import load_model
+    from tokenizer import Tokenizer
 
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model, dtype=torch.float32, device="cpu"), Tokenizer(args.model)

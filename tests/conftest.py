@@ -48,7 +48,7 @@ QWEN_SPLIT = (
 def build_tokenizer(path: Path, vocab_size: int = 384):
     """A small byte-level BPE shaped like Qwen's (NFC, Qwen's split, special tokens, chat template), trained on
     arithmetic-ish text. transformers v5 rebuilds Qwen tokenizers with Qwen's own pipeline whatever tokenizer.json
-    says, so the file must carry that pipeline for `model.Tokenizer` and transformers to agree."""
+    says, so the file must carry that pipeline for `tokenizer.Tokenizer` and transformers to agree."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())

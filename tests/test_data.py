@@ -413,7 +413,7 @@ def test_qwen_boxed_and_system_prompts():
 
 
 def test_system_prompt_replaces_the_templates_default(make_checkpoint):
-    from model import Tokenizer
+    from tokenizer import Tokenizer
 
     tok = Tokenizer(str(make_checkpoint("qwen2")))
     gsm = data.load_dataset("gsm8k", path=str(FIX / "gsm8k_mini.jsonl"))[0]
@@ -565,7 +565,7 @@ def test_prompts_are_the_documented_sentences():
 
 
 def test_prompt_renders_through_the_models_chat_template(make_checkpoint):
-    from model import Tokenizer
+    from tokenizer import Tokenizer
 
     tok = Tokenizer(str(make_checkpoint("qwen2")))
     ex = data.load_dataset("gsm8k", path=str(FIX / "gsm8k_mini.jsonl"))[0]

@@ -337,7 +337,8 @@ def test_end_to_end_suite(make_checkpoint, tmp_path, capsys):
 
 def test_end_to_end_greedy_matches_model_greedy(make_checkpoint, tmp_path, capsys):
     """eval.py through sample.generate in batches == model.greedy one prompt at a time (an independent decoder)."""
-    from model import Tokenizer, greedy, load_model
+    from model import greedy, load_model
+    from tokenizer import Tokenizer
 
     ckpt = str(make_checkpoint("qwen2"))
     out = tmp_path / "eval.jsonl"
@@ -360,7 +361,8 @@ def test_end_to_end_greedy_matches_model_greedy(make_checkpoint, tmp_path, capsy
 def test_end_to_end_with_adapter_file(make_checkpoint, tmp_path, capsys):
     """--adapter FILE gives the same responses as evaluating the adapted model in-process (tinylora contract)."""
     tinylora = pytest.importorskip("tinylora")
-    from model import Tokenizer, load_model
+    from model import load_model
+    from tokenizer import Tokenizer
 
     ckpt = str(make_checkpoint("qwen2"))
     model, tok = load_model(ckpt, device="cpu"), Tokenizer(ckpt)

@@ -444,7 +444,7 @@ def test_command_merged_fp32_and_bf16(ck, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from model import Tokenizer
+    from tokenizer import Tokenizer
 
     run, model, _ = make_run(ck, tmp_path)
     want = logits_of(model)
@@ -661,7 +661,7 @@ def test_command_on_the_real_smollm2(smollm2, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from model import Tokenizer
+    from tokenizer import Tokenizer
 
     run, model, adapter = make_run(smollm2, tmp_path, u=2, tie=10, seed=3)
     with torch.no_grad():

@@ -24,6 +24,7 @@ import torch
 
 import hub as H
 import model as M
+import tokenizer as T
 from data.load import DATASETS, hub_file
 
 SHA_MAIN, SHA_V1 = "a" * 40, "0123456789abcdef" * 2 + "01234567"  # the commits "main" and "v1" point at
@@ -273,7 +274,7 @@ def test_revision_is_passed_and_its_commit_recorded(monkeypatch, hub):
     ref = M.load_model(str(hub.folder), device="cpu")
     assert ref.source == {"id": str(hub.folder), "revision": None, "sha": None}  # a local folder has no commit
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
-    assert M.Tokenizer("org/tiny", revision="v1").encode("12 plus 30") == M.Tokenizer(str(hub.folder)).encode(
+    assert T.Tokenizer("org/tiny", revision="v1").encode("12 plus 30") == T.Tokenizer(str(hub.folder)).encode(
         "12 plus 30"
     )
     cfg, cfg_sha = H.read_hub_config("org/tiny", "v1")

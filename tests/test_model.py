@@ -26,7 +26,8 @@ import torch
 from conftest import QWEN_TEMPLATE, ROOT
 
 from hub import resolve
-from model import Tokenizer, greedy, load_config, load_model
+from model import greedy, load_config, load_model
+from tokenizer import Tokenizer
 
 TOL = 1e-4  # fp32: max |ours - transformers| / max |transformers| over the compared logits
 BF16_TOL = 1e-2  # bf16 against transformers in bf16 with the same attention kernel (SDPA): two bf16 ulps at the top

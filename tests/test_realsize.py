@@ -124,7 +124,8 @@ def test_load_forward_attach(family, realsize):
     the fingerprint of every linear, and an attach on the largest matrices (down_proj, d_in 14336 / 12288)."""
     import export
     import tinylora
-    from model import Tokenizer, load_model
+    from model import load_model
+    from tokenizer import Tokenizer
 
     folder = realsize(family)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -184,7 +185,7 @@ def records(run_dir, event):
 
 @pytest.mark.slow
 def test_grpo_step_and_resume_on_the_longest_question(qwen_runs):
-    from model import Tokenizer
+    from tokenizer import Tokenizer
 
     tok = Tokenizer(str(qwen_runs["ckpt"]))
     import data
@@ -228,7 +229,8 @@ def test_exports_reload_to_the_same_logits(qwen_runs):
     update survives bf16 rounding; its logits against the PEFT-LoRA export reloaded by peft onto transformers' model
     (whose base logits must equal ours), and against the merged export reloaded by model.load_model."""
     import export
-    from model import Tokenizer, load_model
+    from model import load_model
+    from tokenizer import Tokenizer
 
     ckpt, tmp = str(qwen_runs["ckpt"]), qwen_runs["tmp"]
     ids = torch.tensor([prompt_ids(Tokenizer(ckpt))])

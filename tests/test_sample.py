@@ -87,7 +87,7 @@ def test_logp_is_under_the_tempered_truncated_distribution(qwen2):
 def test_greedy_matches_transformers_on_smollm2(smollm2):
     from transformers import AutoModelForCausalLM
 
-    from model import Tokenizer
+    from tokenizer import Tokenizer
 
     ours, tok = load_model(str(smollm2), device="cpu"), Tokenizer(str(smollm2))
     ref = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()

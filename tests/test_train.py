@@ -403,7 +403,7 @@ def test_micro_batch_tokens_give_the_same_training(tiny, tmp_path):
 
 def test_max_prompt_tokens_drops_long_prompts_and_no_eval(tiny, tmp_path, capsys):
     import data
-    from model import Tokenizer
+    from tokenizer import Tokenizer
 
     ckpt, short = tiny
     folder = tmp_path / "data"
@@ -593,15 +593,15 @@ def test_memory_plan_is_printed_and_auto_settings_are_recorded(tiny, tmp_path, c
 
 
 def test_system_prompt_and_enable_thinking_reach_every_prompt(tiny, tmp_path, monkeypatch):
-    import model
+    import tokenizer
 
-    calls, real = [], model.Tokenizer.render
+    calls, real = [], tokenizer.Tokenizer.render
 
     def spy(self, messages, add_generation_prompt=True, **template_vars):
         calls.append((messages, template_vars))
         return real(self, messages, add_generation_prompt, **template_vars)
 
-    monkeypatch.setattr(model.Tokenizer, "render", spy)
+    monkeypatch.setattr(tokenizer.Tokenizer, "render", spy)
     out = tmp_path / "run"
     run(base_args(tiny, out, "--system-prompt", "Be brief.", "--enable-thinking", "--max-steps", 1, "--eval-limit", 2))
     assert len(calls) >= 24 + 2  # every training prompt (length filter, the step) and every evaluation prompt
