@@ -1,6 +1,14 @@
 """
-Attention for model.py in the layouts PyTorch's fused CUDA kernels accept (model.py's choice 2 says which and why),
-a guard that makes a fall back to the math kernel an error, and probes for checking layouts on a GPU.
+Attention for model.py in the layouts PyTorch's fused CUDA kernels accept, a guard that makes a fall back to the
+math kernel an error, and probes for checking layouts on a GPU. The layouts (model.py choice 2):
+- no padding before any real token (training rows [prompt | completion | right padding], an unpadded prefill):
+  `is_causal` and no mask, so flash attention runs, GQA included, and no T x T scores are stored;
+- one new token per row (decode): the GQA group folded into the query axis, q (B, Hkv, H/Hkv, D) against the
+  cache's (B, Hkv, S, D), so the (B, 1, 1, S) key mask broadcasts over it with no K/V copy;
+- anything else (left-padded prompts): K/V repeated to the H query heads once, with the explicit mask. A query
+  with no visible key (a left pad) may see itself, so no row is all -inf (its output is ignored anyway).
+On CUDA every call may use only the flash / memory-efficient / cuDNN kernels: a layout that would fall back to the
+math kernel (fp32 upcast, K/V repeated, scores kept for backward) raises, naming its shapes.
 
     y = attend(q, k, v, mask)        # q (B, H, T, D), k/v (B, Hkv, S, D); mask None = causal, else (B, 1, T, S)
     with record_attention() as calls: model(idx)     # [(shapes, backend)] of every SDPA call in the block

@@ -12,35 +12,25 @@ For prompt q with G completions o_1..o_G, rewards r_i, and tokens o_i,t:
     H_i,t    = -sum_v pi(v | ...) log pi(v | ...)                     (entropy bonus, weight c: the MATH recipe)
     loss     = agg(l) over completion tokens
 
-Choices, each marked *paper* (what "Learning to Reason in 13 Parameters" or the GRPO/DAPO/Dr. GRPO papers it
-builds on do) or *ours*:
-1. std is the sample std (Bessel's n-1), as TRL's GRPOTrainer computes it; eps = 1e-6 outside the root (*ours*:
-   the paper writes std + eps without saying which std). A group whose rewards are all equal gets A = 0.
-2. Aggregation (*paper* names): "token-mean" = sum over all tokens of the batch / their count (DAPO, our
-   default); "seq-mean" = mean over sequences of each sequence's token mean (original GRPO); "constant" =
-   sum / (N * norm) with a fixed norm, usually max_new_tokens (Dr. GRPO).
-3. Micro-batching: every micro-batch's loss is normalised by the counts of the *whole* batch (n_tokens, n_seqs),
-   so the summed gradients equal the full-batch gradient for any micro-batch size, and, under torchrun, for any
-   number of ranks when the counts are the global ones (*ours*). A micro-batch is `micro_batch` consecutive rows,
-   or, with a token budget, rows sorted longest first and packed greedily under rows x (longest prompt + longest
-   completion) <= budget, a longer row alone (*ours*): one straggler no longer sets every micro-batch's padding.
-4. On-policy (one optimisation step per batch, the default): pi_old is the current policy, so old_logp is the
-   training log-prob detached; no second forward (*ours*; identical in value to the explicit computation, which
-   a test checks). rho is then exactly 1 and clipping never binds; the sampler's log-probs feed only TIS and the
-   mismatch metric.
+Choices, each marked *paper* ("Learning to Reason in 13 Parameters" or the GRPO/DAPO/Dr. GRPO papers it builds on),
+*official* (its code) or *ours*:
+1. std is the sample std (Bessel's n-1), eps = 1e-6 outside the root (*ours*, as TRL and the official code); a group
+   whose rewards are all equal gets A = 0.
+2. Aggregation (*paper* names): "token-mean" over all the batch's tokens (DAPO, default); "seq-mean" (GRPO);
+   "constant" = sum / (N * norm), norm usually max_new_tokens (Dr. GRPO).
+3. Every micro-batch is normalised by the whole batch's counts, so gradients add up to the full-batch one for any
+   micro-batch and any number of ranks (*ours*); micro-batches are rows packed longest first under a token budget.
+4. One update per batch: pi_old is the current policy detached, no second forward, rho = 1 (*ours*; a test checks it
+   equals the explicit computation); the sampler's log-probs then feed only TIS and the mismatch metric.
 5. TIS multiplies the clipped term by min(exp(old_logp - sampler_logp), cap), cap = 2 (*paper*), detached.
-6. Log-probs come from the final hidden states at completion positions only, through lm_head in chunks of
-   `chunk` tokens; with more than one chunk and gradients on, each chunk is recomputed in backward
-   (checkpointed), so the (n_tokens, V) fp32 logits never exist all at once (*ours*). Logits are the head's
-   output cast to fp32 and divided by the sampling temperature, as the sampler computes them.
-7. The KL reference is the same network inside `adapter.disabled()`: one more no-grad forward, only when
-   beta > 0 (*paper*: KL 0 for GSM8K).
-8. Entropy bonus (*official*, its MATH script: c = 0.001, 0 for GSM8K): the policy's entropy over the whole
-   vocabulary at each sampled position, from the same temperature-scaled fp32 logits, in the same chunks (choice 6),
-   aggregated like the rest of the loss and with its gradient; computed only when c > 0.
+6. Log-probs from the final hidden states at completion positions only, lm_head in `chunk`-token pieces recomputed
+   in backward, so (n_tokens, V) fp32 logits never exist at once (*ours*); logits / temperature, as the sampler's.
+7. The KL reference is the same network inside `adapter.disabled()`, one no-grad forward when beta > 0 (*paper*).
+8. Entropy bonus c = 0.001 for MATH, 0 for GSM8K (*official*): the policy's full-vocabulary entropy at each sampled
+   position, in the same chunks as choice 6, aggregated like the loss.
 
-Letters: N rows (prompts x G), P prompt columns (left-padded), T completion columns (right-padded), C hidden,
-V vocab, n selected tokens.
+Letters: N rows (prompts x G); rows are [prompt | completion | right padding] (pack), T completion columns,
+C hidden, V vocab, n selected tokens.
 """
 
 import torch

@@ -8,16 +8,8 @@ is a strict dict copy: no renaming, no fused qkv, no weight permutation (RoPE is
 
 Choices, each marked *ref* (what the reference implementation, transformers, does) or *ours*:
 1. RMSNorm and the RoPE angles are computed in fp32 and cast back to the activation dtype (*ref*).
-2. Attention is `F.scaled_dot_product_attention` in layouts the fused CUDA kernels accept (*ours*; `attend`):
-   - no padding before any real token (training rows [prompt | completion | right padding], an unpadded
-     prefill): `is_causal` and no mask, so flash attention runs, GQA included, and no T x T scores are stored;
-   - one new token per row (decode): the GQA group folded into the query axis, q (B, Hkv, H/Hkv, D) against
-     the cache's (B, Hkv, S, D), so the (B, 1, 1, S) key mask broadcasts over it with no K/V copy;
-   - anything else (left-padded prompts): K/V repeated to the H query heads once, with the explicit mask.
-   On CUDA every call may use only the flash / memory-efficient / cuDNN kernels: a layout that would fall
-   back to the math kernel (fp32 upcast, K/V repeated, scores kept for backward) is an error naming its
-   shapes, never a silent slowdown. A query with no visible key (a left pad) may see itself, so no row is
-   all -inf (its output is ignored anyway).
+2. Attention in layouts PyTorch's fused CUDA kernels take (*ours*; attention.py): causal with no mask when no
+   padding precedes a real token (training rows), GQA folded into the query axis for decode; no math fallback.
 3. Positions are per row: the i-th real token of a row has position i, whatever the padding (*ref*).
 4. Unsupported features (another architecture, a rope type other than default/llama3, sliding-window
    attention) raise a ValueError that names them, never a silent default (*ours*).

@@ -12,30 +12,28 @@ train ceil(196 / tie) · u numbers: `--u 1 --tie 16` is the paper's 13.
 
 Choices: *paper* ("Learning to Reason in 13 Parameters"), *official* (its code, jxmorris12/verl-lora), *ref*
 (PEFT's TinyLoraConfig), *ours* (the paper is silent):
-1. r = 2; the top-r SVD is taken once, in fp32, of the weights as loaded, then frozen (*paper*); svd.py: how.
-   verl's default is our exact top-r SVD with canonical signs: without the official randomized SVD there are no
-   official signs to match, and canonical ones rebuild one W' on any machine (*ours*); svd="lowrank": official.
+1. r = 2; the top-r SVD once, in fp32, of the weights as loaded, frozen (*paper*). verl uses our exact SVD with
+   canonical signs, so one v rebuilds one W' anywhere (*ours*); svd="lowrank" is the official randomized call.
 2. P_i ~ N(0, 1) entrywise for verl (*official*); N(0, 1/r) for paper and peft (*ours*, *ref*: PEFT's law).
-3. verl: module k's P and v₀ come from a private CPU generator seeded 42 + seed that first skips the official
-   stream's svd_lowrank start matrix (min(d_out, d_in), r) and a randn(u) (*official* at seed 0; global RNG untouched).
-   So, as officially, modules with the same min(d_out, d_in) get the same P (Qwen2.5-7B: q, o, gate, up, down; k, v).
+3. verl's P and v₀ replay the official stream (seed 42 + seed, after svd_lowrank's start matrix and a randn(u))
+   on a private generator (*official*): modules with the same min(d_out, d_in) share P, as officially.
 4. paper/peft: module k's P from a generator seeded `seed * 1_000_003 + k` (*ours*; `peft`: seed + k, *ref*).
-5. v₀: zero for paper and peft, so step 0 is exactly the base model (*paper*); verl: N(0, 1e-5²), drawn after P
-   in that stream, a tied group taking its first module's (*official*). Trained in fp32, stored fp32/bf16/fp16.
-6. Tying `tiled` (default, the paper's better order): depth order (layer 0's q, k, v, o, gate, up, down, then
-   layer 1's, …) cut into runs of `tie`, the last one short (*paper*, *official*).
-7. Tying `structured`: modules bucketed by type, each type's layers cut into runs of `tie` nearby layers, so
-   7 · ceil(L / tie) groups, none mixing types (*paper* §6.5, *official*; numbering type-major is ours).
-8. Variants, one row each of VARIANTS. `verl` (default): the official merge's U R Σ Vᵀ, α = 32 (*official*:
-   verl/utils/lora_utils.py; what the sampler saw; HEAD's trainer forward uses Rᵀ, the same law since Pᵀ ~ P).
-9. `paper`: W + U Σ R Vᵀ, R = Σ v_i P_i, no α (*paper*, read literally): for the same v its ΔW is α/√(r u) smaller
-   in RMS (22.6 at α 32, r 2, u 1), so the paper's lr grid {1e-7 … 2e-4} is meant for verl. `peft`: (U√Σ) R (√Σ Vᵀ).
-10. LoRA-XS: u = r², P = the standard basis (R trains), tie = 1, R starts at 0 (*paper*); under verl (α/r) U R Σ Vᵀ
-    without the √u (*official*). LoRA: A kaiming-uniform, B = 0, ΔW = (α/r) B A, α = 32 (*official*: every script).
-11. `full` trains every base weight; in a 16-bit model through fp32 master copies (the Adapter's params), so steps
-    of 1e-6 relative size accumulate instead of rounding away (*ours*). train.py calls masters_to_model().
-12. Trainable tensors live in the `Adapter`, not the model's state_dict, so base keys stay the checkpoint's
-    (*ours*). Attach after moving the model to its device. Files out (save, merge, export, counts): export.py.
+5. v₀ = 0 for paper and peft: step 0 is the base model (*paper*); verl: N(0, 1e-5²) after P, a tied group taking
+   its first module's (*official*). v trains in fp32 and is stored fp32/bf16/fp16.
+6. Tying `tiled` (default): depth order (layer 0's q, k, v, o, gate, up, down, then layer 1's, …) cut into runs of
+   `tie`, the last one short (*paper*, *official*).
+7. Tying `structured`: each type's layers cut into runs of `tie`: 7 · ceil(L / tie) groups, none mixing types
+   (*paper* §6.5, *official*).
+8. `verl` (default): the official merge's (α/r) U R Σ Vᵀ, α = 32 (*official*, what its sampler saw; its trainer
+   forward at HEAD uses Rᵀ, the same law).
+9. `paper`: U Σ R Vᵀ, no α (*paper*, read literally): α/√(r u) smaller in RMS for the same v (22.6 at α 32, r 2,
+   u 1), so the paper's lr grid {1e-7 … 2e-4} is meant for verl. `peft`: (U√Σ) R (√Σ Vᵀ) (*ref*).
+10. LoRA-XS: u = r², P the standard basis, tie 1, R from 0 (*paper*; under verl no √u, *official*). LoRA: A
+    kaiming-uniform, B = 0, ΔW = (α/r) B A, α = 32 (*official*).
+11. `full` trains every base weight, a 16-bit model through fp32 masters (the Adapter's params) so 1e-6-relative
+    steps accumulate (*ours*); train.py calls masters_to_model().
+12. Trainable tensors live in the `Adapter`, not the state_dict, so base keys stay the checkpoint's (*ours*).
+    Attach after moving the model to its device; files out (save, merge, export, counts) are export.py's.
 
 Letters: r rank, u size of v, L layers, d_out × d_in the shape of W; U, S (= Σ), V, P, R, M as above.
 """
