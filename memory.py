@@ -189,11 +189,8 @@ def plan(
     Pn, Lp, T = prompts_per_call, max_prompt_tokens, max_new_tokens
     N, S = Pn * G, max_prompt_tokens + max_new_tokens  # rows of a sampling call, cache slots (= padded row length)
     name = getattr(cfg, "name", None) or (model if isinstance(model, str) else cfg.architecture)
-    if micro_batch_tokens:
-        rows_mb = max(1, micro_batch_tokens // S)
-    else:
-        rows_mb = micro_batch or N
-    rows_mb = min(rows_mb, N)
+    rows_mb = max(1, micro_batch_tokens // S) if micro_batch_tokens else N  # train.py's --micro-batch-tokens
+    rows_mb = min(rows_mb, micro_batch or N, N)  # --micro-batch caps the rows too (0 / None: no cap)
     settings = dict(prompts_per_call=Pn, G=G, max_prompt_tokens=Lp, max_new_tokens=T, rows=N, slots=S,
                     micro_batch_rows=rows_mb, micro_batch_tokens=micro_batch_tokens, chunk=chunk, top_k=top_k,
                     top_p=top_p, method=method, r=r, u=u, tie=tie, optimizer=optimizer, vocab_size=V)  # fmt: skip
@@ -319,10 +316,10 @@ def plan_for_run(cfg, args, max_prompt_tokens: int, world: int = 1, free: int | 
               max_new_tokens=args.max_new_tokens, chunk=args.chunk, top_k=args.top_k, top_p=args.top_p,
               device=device, prompts_per_call=args.sample_batch or max(args.prompts_per_step // world, 1))  # fmt: skip
     free = free_memory(device) if free is None else free
-    mbt = getattr(args, "micro_batch_tokens", None)
+    mbt = getattr(args, "micro_batch_tokens", 0) or None  # 0: off, rows only
     ck = args.grad_checkpointing
-    if mbt == "auto" or ck == "auto":
-        return choose(cfg, micro_batch_tokens=mbt if mbt else "auto", grad_checkpointing=ck, free=free, **kw)
+    if mbt == "auto" or ck == "auto":  # choose() plans in tokens alone: set --micro-batch 0 with its choice
+        return choose(cfg, micro_batch_tokens=mbt or "auto", grad_checkpointing=ck, free=free, **kw)
     p = plan(cfg, micro_batch_tokens=mbt, micro_batch=args.micro_batch, grad_checkpointing=bool(ck), **kw)
     return p, (None if p.peak <= free else advice(cfg, p, free, **kw))
 
