@@ -5,10 +5,10 @@ process training the 2-layer real-width Qwen2.5-7B (tests/realsize.py) on CPU. A
 Run: python -m pytest -q tests/test_memory.py
 
 Measures: saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks) count the unique storages autograd keeps,
-weights excluded: exact, and what the activation formula predicts. Peak memory is the training pass's peak RSS (VmHWM, reset after
-loading) minus the RSS before the weights load, in a fresh process with glibc's mmap threshold pinned at 64 KiB, so every
-large tensor is its own mapping and is returned to the kernel when freed: RSS then follows live tensors, not the
-allocator's cache (tracemalloc does not see torch's allocations).
+weights excluded: exact, and what the activation formula predicts. Peak memory is the training pass's peak RSS
+(VmHWM, reset after loading) minus the RSS before the weights load, in a fresh process with glibc's mmap threshold
+pinned at 64 KiB, so every large tensor is its own mapping and is returned to the kernel when freed: RSS then
+follows live tensors, not the allocator's cache (tracemalloc does not see torch's allocations).
 """
 
 import json
