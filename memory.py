@@ -24,7 +24,8 @@ the ops, with its reason):
    is the MLP's three (P·Lp, I) tensors plus K/V repeated for a left-padded GQA prefill (*ours*, model.attend).
 5. Decode logits: the head's output in the model dtype, fp32 copies for the tempered logits, the log-softmax and its
    exp, and the fp64 running mass (sample.sample_next) over the candidates: the whole vocabulary, or top-k (*ours*).
-6. On CPU the sampler packs a second copy of every linear for oneDNN (sample.py choice 10) (*ours*, from its code).
+6. On CPU the sampler packs a second copy of every linear for oneDNN unless it would take over half the free
+   memory (sample.py choice 10); the plan applies the same rule (*ours*, from its code).
 7. Headroom: 10% of the peak plus 1 GiB (CUDA context, allocator fragmentation, the caching allocator's rounding)
    (*ours*: a margin, not a measurement).
 8. AdamW holds two moments per trained parameter in the parameter's dtype (fp32 for v, A, B; the model's dtype for
@@ -189,11 +190,8 @@ def plan(
     Pn, Lp, T = prompts_per_call, max_prompt_tokens, max_new_tokens
     N, S = Pn * G, max_prompt_tokens + max_new_tokens  # rows of a sampling call, cache slots (= padded row length)
     name = getattr(cfg, "name", None) or (model if isinstance(model, str) else cfg.architecture)
-    if micro_batch_tokens:
-        rows_mb = max(1, micro_batch_tokens // S)
-    else:
-        rows_mb = micro_batch or N
-    rows_mb = min(rows_mb, N)
+    rows_mb = max(1, micro_batch_tokens // S) if micro_batch_tokens else N  # train.py's --micro-batch-tokens
+    rows_mb = min(rows_mb, micro_batch or N, N)  # --micro-batch caps the rows too (0 / None: no cap)
     settings = dict(prompts_per_call=Pn, G=G, max_prompt_tokens=Lp, max_new_tokens=T, rows=N, slots=S,
                     micro_batch_rows=rows_mb, micro_batch_tokens=micro_batch_tokens, chunk=chunk, top_k=top_k,
                     top_p=top_p, method=method, r=r, u=u, tie=tie, optimizer=optimizer, vocab_size=V)  # fmt: skip
@@ -222,12 +220,14 @@ def plan(
         per_row += V * (8 + 4 + 4)  # full sort: ids, softmax, cumsum
     add("sampling", "logits buffers", N * per_row, "top-k" if top_k else ("full sort (top-p)" if top_p < 1 else ""))
     add("sampling", "rollout buffers", N * T * (8 + 4 + 1) + N * S, "tokens, log-probs, masks")
-    packed = dev == "cpu" if packed_cpu_copy is None else packed_cpu_copy
-    if packed:
-        from model import linear_shapes
+    from model import linear_shapes
 
-        lin = L * sum(a * c for a, c in linear_shapes(cfg).values()) + V * C
-        add("sampling", "packed weight copy", lin * b, "CPU oneDNN prepacked linears (sample.py choice 10)")
+    lin = (L * sum(a * c for a, c in linear_shapes(cfg).values()) + V * C) * b  # every block linear + the head
+    packed = packed_cpu_copy
+    if packed is None:  # the sampler's own rule: it packs on CPU unless the copy would take over half the free memory
+        packed = dev == "cpu" and lin <= free_memory("cpu") / 2
+    if packed:
+        add("sampling", "packed weight copy", lin, "CPU oneDNN prepacked linears (sample.py choice 10)")
 
     # training (choices 1-3, 8)
     tok = rows_mb * S  # padded tokens of the largest micro-batch
@@ -291,6 +291,9 @@ def advice(model, p: Plan, free: int, **kw) -> str:
     need = f"needs {p.peak / GiB:.1f} GiB ({p.model}, {p.dtype}) but {free / GiB:.1f} GiB are free"
     kw = {k: v for k, v in kw.items() if k not in ("micro_batch", "micro_batch_tokens", "grad_checkpointing")}
     small = dict(micro_batch=1, grad_checkpointing=True)
+    least = plan(model, **{**kw, "prompts_per_call": 1, "G": 1}, **small)
+    if least.peak > free:  # the weights alone (with the least sampling and training) do not fit
+        return f"{need}; even one row needs {least.peak / GiB:.1f} GiB: use a device with more memory"
     if plan(model, **kw, **small).peak > free:  # sampling is the problem: fewer prompts per call
         for k in range(int(math.log2(max(s["prompts_per_call"], 1))), -1, -1):
             if plan(model, **{**kw, "prompts_per_call": 2**k}, **small).peak <= free:
@@ -319,10 +322,10 @@ def plan_for_run(cfg, args, max_prompt_tokens: int, world: int = 1, free: int | 
               max_new_tokens=args.max_new_tokens, chunk=args.chunk, top_k=args.top_k, top_p=args.top_p,
               device=device, prompts_per_call=args.sample_batch or max(args.prompts_per_step // world, 1))  # fmt: skip
     free = free_memory(device) if free is None else free
-    mbt = getattr(args, "micro_batch_tokens", None)
+    mbt = getattr(args, "micro_batch_tokens", 0) or None  # 0: off, rows only
     ck = args.grad_checkpointing
-    if mbt == "auto" or ck == "auto":
-        return choose(cfg, micro_batch_tokens=mbt if mbt else "auto", grad_checkpointing=ck, free=free, **kw)
+    if mbt == "auto" or ck == "auto":  # choose() plans in tokens alone: set --micro-batch 0 with its choice
+        return choose(cfg, micro_batch_tokens=mbt or "auto", grad_checkpointing=ck, free=free, **kw)
     p = plan(cfg, micro_batch_tokens=mbt, micro_batch=args.micro_batch, grad_checkpointing=bool(ck), **kw)
     return p, (None if p.peak <= free else advice(cfg, p, free, **kw))
 

@@ -167,6 +167,7 @@ def rehearse_cpu(args):
            "--G", "2", "--max-new-tokens", str(args.new_tokens_cpu), "--eval-limit", "1", "--eval-every", "0",
            "--max-steps", "1", "--u", "1", "--tie", str(7 * L), "--mini-batches", "1", "--max-prompt-tokens", "0",
            "--out", str(out_dir)]  # fmt: skip
+    cmd += args.train_args.split()
     print(" ".join(cmd))
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -182,8 +183,10 @@ def rehearse_cpu(args):
            "t_load_and_attach": t_banner, "peak_rss": peak}  # fmt: skip
     if steps:
         out |= {k: steps[0][k] for k in ("t_step", "t_sample", "t_train") if k in steps[0]}
-    p = memory.plan(str(folder), dtype="bfloat16", prompts_per_call=1, G=2, max_prompt_tokens=800,
-                    max_new_tokens=args.new_tokens_cpu, micro_batch=16, device="cpu", tie=7 * L)  # fmt: skip
+    ck = "--grad-checkpointing" in args.train_args
+    p = memory.plan(str(folder), dtype="bfloat16", prompts_per_call=1, G=2, max_prompt_tokens=800, tie=7 * L,
+                    max_new_tokens=args.new_tokens_cpu, micro_batch=16, device="cpu",
+                    grad_checkpointing=ck)  # fmt: skip
     out |= {"plan_sampling": p.sampling, "plan_training": p.training, "plan_peak": p.peak}
     report(out)
     return out
@@ -202,6 +205,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=3584, help="in-memory: new tokens (context = prompt + this)")
     ap.add_argument("--new-tokens-cpu", type=int, default=4, help="CPU path: --max-new-tokens of the train.py run")
     ap.add_argument("--json", default=None, help="also write the result to this JSON file")
+    ap.add_argument("--train-args", default="", help="CPU path: more train.py flags, e.g. '--grad-checkpointing'")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU here; dry-run that path with --device cpu --in-memory --tiny")

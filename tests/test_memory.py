@@ -5,10 +5,10 @@ process training the 2-layer real-width Qwen2.5-7B (tests/realsize.py) on CPU. A
 Run: python -m pytest -q tests/test_memory.py
 
 Measures: saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks) count the unique storages autograd keeps,
-weights excluded: exact, and what the activation formula predicts. Peak memory is the process's peak RSS (ru_maxrss)
-minus its RSS before the weights load, in a fresh process with glibc's mmap threshold pinned at 64 KiB, so every
-large tensor is its own mapping and is returned to the kernel when freed: RSS then follows live tensors, not the
-allocator's cache (tracemalloc does not see torch's allocations).
+weights excluded: exact, and what the activation formula predicts. Peak memory is the training pass's peak RSS
+(VmHWM, reset after loading) minus the RSS before the weights load, in a fresh process with glibc's mmap threshold
+pinned at 64 KiB, so every large tensor is its own mapping and is returned to the kernel when freed: RSS then
+follows live tensors, not the allocator's cache (tracemalloc does not see torch's allocations).
 """
 
 import json
@@ -112,6 +112,20 @@ def rss() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
 
 
+def reset_peak_rss():
+    """Linux: writing 5 to /proc/self/clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int | None:
+    with open("/proc/self/status") as f:
+        return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
+
+
 def measure_micro_batch(folder: str, rows: int, prompt: int, completion: int) -> dict:
     """In a fresh process: RSS before loading, after loading + attaching, and at the peak of one forward + backward
     of `rows` rows of prompt + completion tokens through grpo.token_logprobs; saved-tensor bytes of that pass."""
@@ -131,6 +145,7 @@ def measure_micro_batch(folder: str, rows: int, prompt: int, completion: int) ->
         for t in net.parameters():  # and a forward reads only the embedding rows it looks up
             t.sum()
     r1 = rss()
+    reset_peak_rss()  # the peak of the training pass alone, not of loading (a shard in flight) or attaching
     W = prompt + completion
     ids = torch.randint(0, 384, (rows, W))
     cmask = torch.zeros(rows, W, dtype=torch.bool)
@@ -138,7 +153,7 @@ def measure_micro_batch(folder: str, rows: int, prompt: int, completion: int) ->
     weights = [*net.parameters(), *net.buffers()]
     saved, logp = saved_bytes(lambda: grpo.token_logprobs(net, ids, cmask, prompt), exclude=weights)
     logp.sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert adapter.params[0].grad is not None
     return {"rss0": r0, "rss_loaded": r1, "peak": peak, "saved": saved}
 
