@@ -27,6 +27,7 @@ Choices:
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -177,6 +178,23 @@ def check_fingerprint(saved: dict, model, names: list[str], where: str):
             f"{where} was trained on different base weights than this model's (shapes or probed values differ). "
             "Load the adapter onto the base model it was trained on (its id is in the file's 'base' metadata)."
         )
+
+
+@contextlib.contextmanager
+def stored_precision(adapter, v_dtype: str):
+    """The trained tensors rounded to their storage dtype inside the block, then restored exactly (train.py choice
+    12): an evaluation sees the update a user of the saved file gets; training continues from the fp32 values."""
+    dt, full = DTYPES[v_dtype], adapter.settings["method"] == "full"  # full: evaluates its 16-bit weights
+    kept = [(t, t.detach().clone()) for t in adapter.params if t.dtype != dt and dt != torch.float32 and not full]
+    with torch.no_grad():
+        for t, _ in kept:
+            t.copy_(t.to(dt))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, x in kept:
+                t.copy_(x)
 
 
 # -----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # the recipes of the paper's two setups (prompts per step, G, longest prompt, max new tokens)
 RECIPES = {
     "gsm8k": dict(prompts_per_call=64, G=4, max_prompt_tokens=512, max_new_tokens=4096),
-    "math": dict(prompts_per_call=256, G=8, max_prompt_tokens=1024, max_new_tokens=3072),
+    "math": dict(prompts_per_call=32, G=8, max_prompt_tokens=1024, max_new_tokens=3072),
 }
 # memory a device reports as total (torch.cuda.get_device_properties(0).total_memory), for planning elsewhere
 GPUS = {"h200": 143_771 * 2**20, "h100": 81_559 * 2**20, "a100-80gb": 81_920 * 2**20, "a100-40gb": 40_536 * 2**20}

@@ -28,9 +28,11 @@ import time
 import torch
 
 import data
+import export
 import hub
 import parallel
 import report
+import tinylora
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # flags that may differ between a run and its resumption; everything else must match (choice 2)
@@ -332,3 +334,36 @@ def fmt_step(step, total, m):
         f"| mismatch {m['mismatch']:.1e} | gnorm {m['grad_norm']:.2e}{v} | {m['t_step']:.1f}s (sample "
         f"{m['t_sample']:.1f} grade {m['t_grade']:.2f} train {m['t_train']:.1f}) | {m['tok_per_s']:.0f} tok/s"
     )
+
+
+def merge_stats(stats):
+    """grpo_backward's stats of several mini-batches -> one dict: sums added, extremes kept, loss averaged."""
+    out = {k: sum(s[k] for s in stats) for k in stats[0]}
+    out["loss"] /= len(stats)
+    out |= {"w_min": min(s["w_min"] for s in stats), "w_max": max(s["w_max"] for s in stats)}
+    return out | {"mismatch_max": max(s["mismatch_max"] for s in stats)}
+
+
+def reduce_stats(s):
+    """grpo_backward's sums added over ranks, its extremes (w_min, w_max, mismatch_max) taken over ranks."""
+    ext = ("w_min", "w_max", "mismatch_max")
+    sums = [k for k in s if k not in ext]
+    out = dict(zip(sums, parallel.all_sum([s[k] for k in sums])))
+    hi = parallel.all_max([-s["w_min"], s["w_max"], s["mismatch_max"]])  # min = -max(-x)
+    return out | {"w_min": -hi[0], "w_max": hi[1], "mismatch_max": hi[2]}
+
+
+def show_adapter(args, cfg, model, adapter):
+    """Assert the trainable count the flags imply (and that nothing else trains); print it large. -> (n, bytes)."""
+    n = adapter.num_params()
+    want = export.count_params(cfg, args.method, args.r, args.u, args.tie, tinylora.TARGETS, args.order)
+    assert n == want, f"adapter has {n} trainable parameters but the flags imply {want}"
+    # no weight gradients for frozen weights: only the adapter's tensors (every weight for method full) train
+    frozen = [t for t in model.parameters() if not any(t is q for q in adapter.params) and args.method != "full"]
+    assert not any(t.requires_grad for t in frozen), "a frozen weight requires grad"
+    nbytes = n * torch.finfo(tinylora.DTYPES[args.v_dtype]).bits // 8
+    bar = "=" * 72
+    print(f"\n{bar}\n  model    {args.model}  ({cfg.num_hidden_layers} layers, {len(adapter.modules)} adapted modules)")
+    print(f"  method   {args.method}  r={args.r} u={args.u} tie={args.tie} order={args.order}  algo={args.algo}")
+    print(f"  TRAINABLE PARAMETERS: {n:,}   UPDATE SIZE: {nbytes:,} bytes in {args.v_dtype}\n{bar}\n")
+    return n, nbytes

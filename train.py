@@ -41,7 +41,6 @@ docs/FIDELITY.md has the sources) or *ours*:
 """
 
 import argparse
-import contextlib
 import functools
 import hashlib
 import json
@@ -69,10 +68,10 @@ EVAL_KEYS = ("strict", "flexible", "official", "accuracy")  # what eval.evaluate
 RECIPES = {  # choice 1; the marks are in the header (choices 2-10)
     "gsm8k": dict(model="Qwen/Qwen2.5-7B-Instruct", data="gsm8k", prompt_style=None, G=4, prompts_per_step=64,
                   lr=1e-5, warmup=0.05, mini_batches=2, eps_high=0.4, kl=0.0, entropy_coef=0.0,
-                  max_prompt_tokens=512, reward="official"),
+                  max_prompt_tokens=512, reward="official", sample_batch=0),
     "math": dict(model="Qwen/Qwen2.5-Math-7B", data="math_train", prompt_style="qwen-boxed", G=8,
                  prompts_per_step=256, lr=5e-7, warmup=0.0, mini_batches=1, eps_high=0.2, kl=0.001,
-                 entropy_coef=0.001, max_prompt_tokens=1024, reward="official"),
+                 entropy_coef=0.001, max_prompt_tokens=1024, reward="official", sample_batch=32),
 }  # fmt: skip
 RECIPE_TABLE = "\n".join(  # --help's epilog: the effective defaults of each recipe
     ["recipes (--recipe NAME; a flag given explicitly wins):", " " * 25 + "".join(f"{n:<28}" for n in RECIPES).rstrip()]
@@ -164,8 +163,9 @@ p.add_argument("--out", default=None, help="run folder (default: runs/<method>-u
 p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run with its saved settings")
 # data parallel (torchrun --nproc-per-node N train.py ...; choice 13)
 p.add_argument(
-    "--sample-batch", type=int, default=0, help="prompts per sampling call (0: a rank's whole share); the run is the "
-    "same on N ranks when prompts-per-step / N is a multiple of it (choice 13); also bounds the KV cache"
+    "--sample-batch", type=int, default=None, help="prompts per sampling call (0: a rank's whole share; recipe: 32 "
+    "for MATH, whose 2,048 rows of KV cache would not fit one H200); the run is the same on N ranks when "
+    "prompts-per-step / N is a multiple of it (choice 13)"
 )  # fmt: skip
 p.add_argument("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others before failing")
 
@@ -251,23 +251,6 @@ def mini_batch_rows(n_prompts, G, K):
     return [[j * G + g for j in range(k, n_prompts, K) for g in range(G)] for k in range(K)]
 
 
-def merge_stats(stats):
-    """grpo_backward's stats of several mini-batches -> one dict: sums added, extremes kept, loss averaged."""
-    out = {k: sum(s[k] for s in stats) for k in stats[0]}
-    out["loss"] /= len(stats)
-    out |= {"w_min": min(s["w_min"] for s in stats), "w_max": max(s["w_max"] for s in stats)}
-    return out | {"mismatch_max": max(s["mismatch_max"] for s in stats)}
-
-
-def reduce_stats(s):
-    """grpo_backward's sums added over ranks, its extremes (w_min, w_max, mismatch_max) taken over ranks."""
-    ext = ("w_min", "w_max", "mismatch_max")
-    sums = [k for k in s if k not in ext]
-    out = dict(zip(sums, parallel.all_sum([s[k] for k in sums])))
-    hi = parallel.all_max([-s["w_min"], s["w_max"], s["mismatch_max"]])  # min = -max(-x)
-    return out | {"w_min": -hi[0], "w_max": hi[1], "mismatch_max": hi[2]}
-
-
 def grpo_updates(args, model, adapter, ro, adv, pad_id):
     """The updates of one GRPO step, in order: --mini-batches K slices of whole groups, each --mu times (choice 6).
     Returns (updates, stats): zero-argument functions that each put one update's gradient into .grad, and a list
@@ -324,7 +307,7 @@ def grpo_step(args, model, adapter, tok, gen, batch, prompts, step, first):
     updates, stats = grpo_updates(args, model, adapter, ro, adv, tok.pad_id)
 
     def log():
-        m = runs.grpo_metrics(reduce_stats(merge_stats(stats)), ro, grades, rewards, args.G)
+        m = runs.grpo_metrics(runs.reduce_stats(runs.merge_stats(stats)), ro, grades, rewards, args.G)
         m["n_tokens"] = int(parallel.all_sum([float(ro.mask.sum())])[0])  # the global batch's
         keys = ("reward", "strict", "flexible", "official", "zero_var", "length", "truncated")  # equal shares, so
         m |= dict(zip(keys, parallel.all_mean([m[k] for k in keys])))  # the global mean is the mean of means
@@ -369,23 +352,6 @@ def sft_step(args, model, tok, batch, prompts):
 # evaluation (choice 12) and the adapter's count
 
 
-@contextlib.contextmanager
-def stored_precision(adapter, v_dtype: str):
-    """The trained tensors rounded to their storage dtype inside the block, then restored exactly (choice 12): an
-    evaluation sees the update a user of the saved file gets; training continues from the fp32 values."""
-    dt, full = tinylora.DTYPES[v_dtype], adapter.settings["method"] == "full"  # full: evaluates its 16-bit weights
-    kept = [(t, t.detach().clone()) for t in adapter.params if t.dtype != dt and dt != torch.float32 and not full]
-    with torch.no_grad():
-        for t, _ in kept:
-            t.copy_(t.to(dt))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for t, x in kept:
-                t.copy_(x)
-
-
 def evaluate(args, model, adapter, tok, evalset, step, rank, rep):
     """Greedy evaluation with v as stored, sharded over ranks (choices 12, 13); rank 0 writes
     eval/stepNNNNNN.jsonl and logs the summary."""
@@ -395,7 +361,7 @@ def evaluate(args, model, adapter, tok, evalset, step, rank, rep):
     path = os.path.join(args.out, "eval", f"step{step:06d}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     part = f"{path}.part{os.getpid()}"  # this rank's share, gathered below in the dataset's order
-    with stored_precision(adapter, args.v_dtype):
+    with export.stored_precision(adapter, args.v_dtype):
         evaluation.evaluate(
             model, tok, parallel.shard(evalset), batch_size=args.eval_batch_size, out_path=part, reward=args.reward,
             max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, system=args.system_prompt,
@@ -411,22 +377,6 @@ def evaluate(args, model, adapter, tok, evalset, step, rank, rep):
     rep.log(step, res, prefix="eval/")
     shown = [f"{k} {res[k]:.3f} [{res[k + '_lo']:.3f}, {res[k + '_hi']:.3f}]" for k in EVAL_KEYS if k in res]
     tqdm.write(f"eval step {step} (n={res.get('n')}, {time.time() - t0:.0f}s): " + " | ".join(shown))
-
-
-def show_adapter(args, cfg, model, adapter):
-    """Assert the trainable count the flags imply (and that nothing else trains); print it large. -> (n, bytes)."""
-    n = adapter.num_params()
-    want = export.count_params(cfg, args.method, args.r, args.u, args.tie, tinylora.TARGETS, args.order)
-    assert n == want, f"adapter has {n} trainable parameters but the flags imply {want}"
-    # no weight gradients for frozen weights: only the adapter's tensors (every weight for method full) train
-    frozen = [t for t in model.parameters() if not any(t is q for q in adapter.params) and args.method != "full"]
-    assert not any(t.requires_grad for t in frozen), "a frozen weight requires grad"
-    nbytes = n * torch.finfo(tinylora.DTYPES[args.v_dtype]).bits // 8
-    bar = "=" * 72
-    print(f"\n{bar}\n  model    {args.model}  ({cfg.num_hidden_layers} layers, {len(adapter.modules)} adapted modules)")
-    print(f"  method   {args.method}  r={args.r} u={args.u} tie={args.tie} order={args.order}  algo={args.algo}")
-    print(f"  TRAINABLE PARAMETERS: {n:,}   UPDATE SIZE: {nbytes:,} bytes in {args.v_dtype}\n{bar}\n")
-    return n, nbytes
 
 
 # -----------------------------------------------------------------------------
@@ -467,7 +417,7 @@ def main(argv=None):
         model, method=args.method, r=args.r, u=args.u, tie=args.tie, order=args.order, variant=args.variant,
         seed=args.seed, alpha=args.alpha,
     )  # fmt: skip
-    n, nbytes = show_adapter(args, cfg, model, adapter)
+    n, nbytes = runs.show_adapter(args, cfg, model, adapter)
     opt = torch.optim.AdamW(adapter.params, lr=args.lr, weight_decay=args.weight_decay)
     opt.register_step_post_hook(lambda *_: adapter.masters_to_model())  # --method full in 16 bits: fp32 masters
     gen = torch.Generator(device=device).manual_seed(args.seed)  # re-seeded per sampling call (choice 13)
@@ -528,7 +478,7 @@ def main(argv=None):
         evaluate(args, model, adapter, tok, evalset, total, rank, rep)
         checkpoint(total)
         if rank == 0 and args.method != "full":
-            with stored_precision(adapter, args.v_dtype):  # the update as the adapter file stores it
+            with export.stored_precision(adapter, args.v_dtype):  # the update as the adapter file stores it
                 export.export_peft_lora(adapter, os.path.join(args.out, "peft"), base=args.model)
     else:
         print(f"nothing to do: the run is already at step {start}/{total}")
