@@ -238,9 +238,10 @@ def test_choose_and_advice_on_an_h200():
     n = int(msg.split("--micro-batch-tokens ")[1].split()[0])
     assert memory.plan("Qwen/Qwen2.5-7B-Instruct", micro_batch_tokens=n, **kw).peak <= h200
     # MATH's 256 prompts x 8 in one sampling call cannot fit: the advice is --sample-batch
-    p, msg = memory.choose("Qwen/Qwen2.5-7B-Instruct", free=h200, **memory.RECIPES["math"])
+    p, msg = memory.choose("Qwen/Qwen2.5-7B-Instruct", free=h200, **{**memory.RECIPES["math"], "prompts_per_call": 256})
     assert msg is not None and "--sample-batch" in msg
     K = int(msg.split("--sample-batch ")[1].split()[0])
+    assert K == memory.RECIPES["math"]["prompts_per_call"]  # what --recipe math sets
     kw = {**memory.RECIPES["math"], "prompts_per_call": K}
     p, msg = memory.choose("Qwen/Qwen2.5-7B-Instruct", free=h200, **kw)
     assert msg is None and p.peak <= h200
@@ -282,3 +283,15 @@ def test_plan_for_run_reads_train_args():
     args.micro_batch_tokens, args.grad_checkpointing = "auto", "auto"
     p, msg = memory.plan_for_run(cfg, args, max_prompt_tokens=512, free=memory.GPUS["h200"])
     assert msg is None and p.peak <= memory.GPUS["h200"]
+
+
+def test_recipe_tables_agree_with_train():
+    """memory.py plans the runs train.py's --recipe makes: the two tables must not drift apart."""
+    import memory
+    import train
+
+    for name, plan in memory.RECIPES.items():
+        run = train.RECIPES[name]
+        assert plan["G"] == run["G"] and plan["max_prompt_tokens"] == run["max_prompt_tokens"]
+        assert plan["prompts_per_call"] == (run["sample_batch"] or run["prompts_per_step"])
+    assert memory.RECIPES["gsm8k"]["max_new_tokens"] == 4096 and memory.RECIPES["math"]["max_new_tokens"] == 3072
