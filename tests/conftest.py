@@ -189,3 +189,31 @@ def write_addition_data(folder: Path, seed: int = 0, n_train: int = 24, n_test: 
                 row = {"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}.\n#### {a + b}"}
                 f.write(json.dumps(row) + "\n")
     return folder
+
+
+# the small file of each of the paper's seven MATH benchmarks in tests/fixtures (test_data, test_eval)
+SUITE_FIXTURES = {
+    "math500": "math_mini.jsonl",
+    "minerva_math": "minerva_mini.jsonl",
+    "olympiadbench": "olympiad_mini.jsonl",
+    "aime24": "aime_mini.jsonl",
+    "amc23": "amc_mini.jsonl",
+    "gaokao2023en": "gaokao_mini.jsonl",
+    "college_math": "college_mini.jsonl",
+}
+IDX = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))  # token ids for logits checks
+
+
+def fresh(path, dtype=torch.float32):
+    """A tiny checkpoint loaded anew on the CPU (test_tinylora, test_export)."""
+    from model import load_model
+
+    return load_model(str(path), dtype=dtype, device="cpu")
+
+
+def set_v(adapter, seed=1, scale=0.5):
+    """Every trainable tensor of an adapter filled with seeded N(0, scale²) values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.params:
+            p.copy_(torch.randn(p.shape, generator=g) * scale)

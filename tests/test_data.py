@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SHARED
+from conftest import SHARED, SUITE_FIXTURES
 
 import data
 from data import graders as G
@@ -431,17 +431,6 @@ def test_default_eval_set_and_response_length():
     math = data.load_dataset("math500", path=str(FIX / "math_mini.jsonl"))
     assert data.response_tokens(gsm) == 4096 and data.response_tokens(math) == 3072
     assert data.response_tokens(gsm + math) == 4096 and data.response_tokens([]) == 4096  # a rank's empty shard
-
-
-SUITE_FIXTURES = {
-    "math500": "math_mini.jsonl",
-    "minerva_math": "minerva_mini.jsonl",
-    "olympiadbench": "olympiad_mini.jsonl",
-    "aime24": "aime_mini.jsonl",
-    "amc23": "amc_mini.jsonl",
-    "gaokao2023en": "gaokao_mini.jsonl",
-    "college_math": "college_mini.jsonl",
-}
 
 
 def suite_folder(tmp_path) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SUITE_FIXTURES
 
 import data
 import eval as ev
@@ -182,15 +183,6 @@ def test_evaluate_prompt_style_changes_prompt_and_grading():
 # -----------------------------------------------------------------------------
 # the MATH suite: seven benchmarks, one table
 
-SUITE_FIXTURES = {
-    "math500": "math_mini.jsonl",
-    "minerva_math": "minerva_mini.jsonl",
-    "olympiadbench": "olympiad_mini.jsonl",
-    "aime24": "aime_mini.jsonl",
-    "amc23": "amc_mini.jsonl",
-    "gaokao2023en": "gaokao_mini.jsonl",
-    "college_math": "college_mini.jsonl",
-}
 SUITE_ANSWERS = {  # a scripted model: key (a substring of one question) -> its response; verdicts decided by hand
     "lowest terms": "\\boxed{\\frac12}",  # math500: right
     "point": "\\boxed{(2,4)}",  # right

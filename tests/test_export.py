@@ -17,26 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import IDX, fresh, set_v
 
 import export
 from export import BUILTIN_CONFIGS, count_params, load_adapter, read_config
-from model import load_model
 from tinylora import ADAPTER_LAYERS, DTYPES, attach
 
 ROOT = Path(__file__).resolve().parents[1]
-
-IDX = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
-
-
-def fresh(path, dtype=torch.float32):
-    return load_model(str(path), dtype=dtype, device="cpu")
-
-
-def set_v(adapter, seed=1, scale=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter.params:
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 @pytest.fixture(scope="module")

@@ -6,24 +6,11 @@ tests/test_svd.py. Run: python -m pytest -q tests/test_tinylora.py
 
 import pytest
 import torch
+from conftest import IDX, fresh, set_v
 
 import tinylora
 from export import count_params
-from model import load_model
 from tinylora import attach
-
-IDX = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
-
-
-def fresh(path, dtype=torch.float32):
-    return load_model(str(path), dtype=dtype, device="cpu")
-
-
-def set_v(adapter, seed=1, scale=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter.params:
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 @pytest.fixture(scope="module")
