@@ -18,6 +18,7 @@ Choices (*ours*):
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -163,6 +164,44 @@ def load_checkpoint(args, adapter, opt, gen, rank) -> int:
     if rank == 0:  # every rank loaded the same checkpoint; one writes the run folder
         write_text("".join(kept), metrics_path)
     return st["step"]
+
+
+def recipe_table(recipes: dict) -> str:
+    """train.py --help's epilog: the effective defaults of each recipe, one column each."""
+    rows = ["recipes (--recipe NAME; a flag given explicitly wins):", " " * 25 + "".join(f"{n:<28}" for n in recipes)]
+    first = next(iter(recipes.values()))
+    rows += [f"  --{k.replace('_', '-'):<21}" + "".join(f"{str(r[k]):<28}" for r in recipes.values()) for k in first]
+    rows += [
+        "  (None: the data's own; both: --max-new-tokens the task's, 4096 / 3072; evaluation on the task's test set)"
+    ]
+    return "\n".join(row.rstrip() for row in rows)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows "(default: X)" unless the help text already says what the default is, or there is none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+# -----------------------------------------------------------------------------
+# data order and sampling seeds: pure functions of the step, so a resume needs only the step
+
+
+def step_examples(train, step, B, seed):
+    """The B examples of a step: a per-epoch permutation (train.py choice 11), so the data position is the step."""
+    spe = len(train) // B
+    epoch, i = divmod(step, spe)
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return [train[j] for j in perm[i * B : (i + 1) * B].tolist()], {"epoch": epoch, "index": i * B}
+
+
+def sample_seed(seed, step, first):
+    """The generator seed of a sampling call that starts at prompt `first` of `step` (train.py choice 13): a hash, so
+    neighbouring (step, first) pairs get unrelated streams."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{first}".encode()).digest()[:8], "little") >> 1
 
 
 # -----------------------------------------------------------------------------

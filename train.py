@@ -42,7 +42,6 @@ docs/FIDELITY.md has the sources) or *ours*:
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import random
@@ -73,24 +72,9 @@ RECIPES = {  # choice 1; the marks are in the header (choices 2-10)
                  prompts_per_step=256, lr=5e-7, warmup=0.0, mini_batches=1, eps_high=0.2, kl=0.001,
                  entropy_coef=0.001, max_prompt_tokens=1024, reward="official", sample_batch=32),
 }  # fmt: skip
-RECIPE_TABLE = "\n".join(  # --help's epilog: the effective defaults of each recipe
-    ["recipes (--recipe NAME; a flag given explicitly wins):", " " * 25 + "".join(f"{n:<28}" for n in RECIPES).rstrip()]
-    + [f"  --{k.replace('_', '-'):<21}" + "".join(f"{str(r[k]):<28}" for r in RECIPES.values()).rstrip()
-       for k in RECIPES["gsm8k"]]
-    + ["  (None: the data's own; both: --max-new-tokens the task's, 4096 / 3072; evaluation on the task's test set)"]
-)  # fmt: skip
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows "(default: X)" unless the help text already says what the default is, or there is none."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=RECIPE_TABLE)
+p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=runs.HelpFormatter, epilog=runs.recipe_table(RECIPES)
+)
 p.add_argument("--recipe", default="gsm8k", choices=list(RECIPES), help="the paper's setup for a task (choice 1)")
 # model and data
 p.add_argument("--model", default=None, help="local HF folder or Hub id (recipe)")
@@ -202,20 +186,6 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
 # small helpers: data order, seeds, rollouts
 
 
-def step_examples(train, step, B, seed):
-    """The B examples of a step: a per-epoch permutation (choice 11), so the data position is the step."""
-    spe = len(train) // B
-    epoch, i = divmod(step, spe)
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return [train[j] for j in perm[i * B : (i + 1) * B].tolist()], {"epoch": epoch, "index": i * B}
-
-
-def sample_seed(seed, step, first):
-    """The generator seed of a sampling call that starts at prompt `first` of `step` (choice 13): a hash, so
-    neighbouring (step, first) pairs get unrelated streams."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{first}".encode()).digest()[:8], "little") >> 1
-
-
 def cat_rollouts(parts, pad_id):
     """Concatenate Rollouts of several sampling calls (prompt-major rows), right-padding to the longest."""
     if len(parts) == 1:
@@ -286,7 +256,7 @@ def grpo_step(args, model, adapter, tok, gen, batch, prompts, step, first):
     model.eval()
     K, parts = args.sample_batch or len(prompts), []
     for i in range(0, len(prompts), K):
-        gen.manual_seed(sample_seed(args.seed, step, first + i))
+        gen.manual_seed(runs.sample_seed(args.seed, step, first + i))
         parts.append(
             sample.generate(
                 model, prompts[i : i + K], G=args.G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -434,14 +404,14 @@ def main(argv=None):
         evaluate(args, model, adapter, tok, evalset, 0, rank, rep)
 
     def checkpoint(step):
-        runs.checkpoint(args, step, adapter, opt, gen, rank, step_examples(train, step, B, args.seed)[1])
+        runs.checkpoint(args, step, adapter, opt, gen, rank, runs.step_examples(train, step, B, args.seed)[1])
 
     # ---- the loop: batch -> rollouts and their updates -> optimiser steps -> log -> evaluate -> checkpoint
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True, disable=rank > 0)
     for step in bar:
         t0 = time.time()
         first = rank * (B // world)  # choice 13: this rank's contiguous share; whole groups stay on one rank
-        batch = step_examples(train, step, B, args.seed)[0][first : first + B // world]
+        batch = runs.step_examples(train, step, B, args.seed)[0][first : first + B // world]
         prompts = [runs.prompt_ids(args, tok, ex) for ex in batch]
         if args.algo == "grpo":  # sample -> grade -> advantages
             updates, log = grpo_step(args, model, adapter, tok, gen, batch, prompts, step, first)
