@@ -19,7 +19,7 @@ Choices, each marked *paper* ("Learning to Reason in 13 Parameters" or the GRPO/
 2. Aggregation (*paper* names): "token-mean" over all the batch's tokens (DAPO, default); "seq-mean" (GRPO);
    "constant" = sum / (N * norm), norm usually max_new_tokens (Dr. GRPO).
 3. Every micro-batch is normalised by the whole batch's counts, so gradients add up to the full-batch one for any
-   micro-batch and any number of ranks (*ours*); micro-batches are rows packed longest first under a token budget.
+   micro-batch and any number of ranks (*ours*); memory.micro_batches packs rows under a token budget.
 4. One update per batch: pi_old is the current policy detached, no second forward, rho = 1 (*ours*; a test checks it
    equals the explicit computation); the sampler's log-probs then feed only TIS and the mismatch metric.
 5. TIS multiplies the clipped term by min(exp(old_logp - sampler_logp), cap), cap = 2 (*paper*), detached.
@@ -36,6 +36,8 @@ C hidden, V vocab, n selected tokens.
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from memory import micro_batches, row_lengths  # rows packed into micro-batches under a token budget
 
 AGGS = ("token-mean", "seq-mean", "constant")
 
@@ -199,34 +201,6 @@ def use_grad_checkpointing(model):
 
 # -----------------------------------------------------------------------------
 # one gradient pass over a batch, in micro-batches
-
-
-def micro_batches(lengths, budget: int = 0, max_rows: int = 0) -> list[list[int]]:
-    """Rows -> micro-batches, as lists of row indices that together cover every row once (choice 3).
-
-    lengths: (prompt tokens, completion tokens) per row. budget > 0: rows sorted longest first, packed greedily while
-    rows x (longest prompt + longest completion) <= budget (what pack pads them to); a row longer than the budget
-    gets a micro-batch of its own. max_rows > 0 caps the rows of a micro-batch as well; without a budget the
-    micro-batches are consecutive runs of max_rows rows in their original order."""
-    N = len(lengths)
-    assert budget > 0 or max_rows > 0, "give a token budget, a row count, or both"
-    if budget <= 0:
-        return [list(range(s, min(s + max_rows, N))) for s in range(0, N, max_rows)]
-    order = sorted(range(N), key=lambda i: -(lengths[i][0] + lengths[i][1]))  # stable: ties keep their order
-    out, cur, P, T = [], [], 0, 0
-    for i in order:
-        p, t = max(P, lengths[i][0]), max(T, lengths[i][1])  # the padded width if row i joins
-        if cur and ((len(cur) + 1) * (p + t) > budget or 0 < max_rows <= len(cur)):
-            out.append(cur)
-            cur, p, t = [], lengths[i][0], lengths[i][1]
-        cur.append(i)
-        P, T = p, t
-    return out + [cur] if cur else out
-
-
-def row_lengths(prompts, mask) -> list[tuple[int, int]]:
-    """(prompt tokens, completion tokens) per row, for micro_batches."""
-    return list(zip(map(len, prompts), mask.sum(1).tolist()))
 
 
 def old_logprobs(

@@ -1,6 +1,6 @@
 """
 The memory a run needs, from the model's config alone, before any weight loads: print it, check it fits, or pick the
-largest training micro-batch that fits.
+largest training micro-batch that fits; and how rows are packed into micro-batches under a token budget.
 
     python memory.py --model Qwen/Qwen2.5-7B-Instruct --recipe gsm8k --gpu h200   # the paper's GSM8K run, one H200
     python memory.py --model DIR --device cpu --prompts-per-call 2 --G 4 --max-prompt-tokens 300 --max-new-tokens 128
@@ -245,6 +245,38 @@ def plan(
     if optimizer == "adamw":
         add("training", "optimizer state", 2 * n_t * tb, "AdamW exp_avg + exp_avg_sq")
     return p
+
+
+# -----------------------------------------------------------------------------
+# micro-batches under a token budget: what grpo.py packs and the plan above sizes
+
+
+def micro_batches(lengths, budget: int = 0, max_rows: int = 0) -> list[list[int]]:
+    """Rows -> micro-batches, as lists of row indices that together cover every row once (grpo.py choice 3).
+
+    lengths: (prompt tokens, completion tokens) per row. budget > 0: rows sorted longest first, packed greedily while
+    rows x (longest prompt + longest completion) <= budget (what pack pads them to); a row longer than the budget
+    gets a micro-batch of its own. max_rows > 0 caps the rows of a micro-batch as well; without a budget the
+    micro-batches are consecutive runs of max_rows rows in their original order."""
+    N = len(lengths)
+    assert budget > 0 or max_rows > 0, "give a token budget, a row count, or both"
+    if budget <= 0:
+        return [list(range(s, min(s + max_rows, N))) for s in range(0, N, max_rows)]
+    order = sorted(range(N), key=lambda i: -(lengths[i][0] + lengths[i][1]))  # stable: ties keep their order
+    out, cur, P, T = [], [], 0, 0
+    for i in order:
+        p, t = max(P, lengths[i][0]), max(T, lengths[i][1])  # the padded width if row i joins
+        if cur and ((len(cur) + 1) * (p + t) > budget or 0 < max_rows <= len(cur)):
+            out.append(cur)
+            cur, p, t = [], lengths[i][0], lengths[i][1]
+        cur.append(i)
+        P, T = p, t
+    return out + [cur] if cur else out
+
+
+def row_lengths(prompts, mask) -> list[tuple[int, int]]:
+    """(prompt tokens, completion tokens) per row, for micro_batches."""
+    return list(zip(map(len, prompts), mask.sum(1).tolist()))
 
 
 # -----------------------------------------------------------------------------

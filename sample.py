@@ -17,12 +17,10 @@ Choices, each marked *paper* (what the paper's stack did) or *ours*:
    exponential per vocabulary entry as a Gumbel-max draw needs.
 5. `logp` is the log-prob under the distribution drawn from (*ours*): the tempered, filtered log_softmax, so the
    model's own at temperature 1 without filtering (what GRPO's ratio needs); greedy gives the temperature-1 value.
-6. Prompts are left-padded with per-row positions (the i-th real token has position i); all rows decode in
-   lock-step into one preallocated cache (*ours*).
+6. Prompts left-padded, per-row positions; all rows decode in lock-step into one preallocated cache (*ours*).
 7. A prompt sampled G times is prefilled once into row i*G and its keys/values copied to its G-1 other rows
    (*ours*). Rows are prompt-major: row i*G + g is sample g of prompt i.
-8. Finished rows emit pad_id with mask False; the all-finished check is a host sync, so on CUDA it runs every
-   SYNC_EVERY steps (*ours*).
+8. Finished rows emit pad_id, mask False; the all-finished host sync runs every SYNC_EVERY steps on CUDA (*ours*).
 9. The draw's uniforms are a counter-based hash of (seed, row, step) (*ours*): a row's noise does not depend on the
    other rows in the batch (so 10 changes no draw) and no generator state lives in a CUDA graph.
 10. Once at most COMPACT_AT of the rows are live (seen at a sync), finished rows leave the batch and the cache (*ours*):

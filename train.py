@@ -5,39 +5,27 @@ Train a TinyLoRA adapter with GRPO (or SFT, the paper's comparison): the one scr
     python train.py --recipe math --u 1 --tie 16    # MATH as the paper ran it (SimpleRL's setup)
     python train.py --device cpu --model DIR --data train.jsonl --eval-data test.jsonl --max-new-tokens 128 ...
 
-Each step: take the next --prompts-per-step questions -> sample G completions each (sample.py) -> grade them
-(data/) -> GRPO loss and gradient (grpo.py) -> AdamW step(s) on v -> log -> evaluate -> checkpoint (runs.py: the
-run folder, resuming).
+Each step: the next --prompts-per-step questions -> G completions each (sample.py) -> grades (data/) -> GRPO
+loss and gradient (grpo.py) -> AdamW step(s) on v -> log -> evaluate -> checkpoint (runs.py).
 
-Choices, each marked *paper* ("Learning to Reason in 13 Parameters"), *official* (its code, jxmorris12/verl-lora;
-docs/FIDELITY.md has the sources) or *ours*:
-1. --recipe gsm8k (default) | math sets every flag of RECIPES left unset (`--help` prints the table); a flag given
-   wins. Where the paper is silent, a default is the official script's for that task (*ours*: the rule).
-2. G 4 | 8, 64 | 256 prompts a step, 3 epochs, temperature 1, KL 0 | 0.001, MATH on SimpleRL's levels 3-5 set
-   evaluated on MATH500 (*paper*); r = 2, tiled tying, u = 1, tie = 16: the headline 13 parameters (*paper*).
-3. lr 1e-5 for GSM8K (*official*: its GSM8K scripts; the paper swept 1e-7..2e-4); 5e-7 for MATH (*official*:
-   math_1gpu_example__no_ray.sh, the one-GPU script; its 2-GPU no-Ray script has 2e-5).
-4. Warm-up: lr(b) = lr b / W for batches b < W = int(--warmup x the batches of --epochs), from 0, then constant;
-   --warmup 0.05 for GSM8K, 0 for MATH (*official*). A function of the step: resuming needs no scheduler state.
+Choices: *paper* ("Learning to Reason in 13 Parameters"), *official* (jxmorris12/verl-lora; sources in
+docs/FIDELITY.md), *ours*. Values read "GSM8K | MATH" where the two recipes differ.
+1. --recipe gsm8k (default) | math fills every RECIPES flag left unset (`--help` prints it); where the paper is
+   silent the official script's value (*ours*: the rule).
+2. G 4 | 8, 64 | 256 prompts, 3 epochs, temperature 1, KL 0 | 0.001, MATH: SimpleRL levels 3-5, MATH500 (*paper*).
+3. lr 1e-5 | 5e-7 (*official*: its GSM8K scripts, math_1gpu_example__no_ray.sh; the paper swept 1e-7..2e-4).
+4. Warm-up lr·b/W for batches b < W = int(--warmup 0.05 | 0 × all batches), then constant (*official*).
 5. AdamW (0.9, 0.999), weight decay 0.01, gradient-norm clip 1.0 (*official*).
-6. Updates: a step's groups split into --mini-batches K (prompts k, k+K, ...), each used --mu times: K = 2 for GSM8K
-   (32 prompts each), 1 for MATH, mu = 1 (*official*). K = mu = 1 is one on-policy update without a pi_old forward.
-7. With more than one update a step, pi_old is the policy before the step's first update for every one of them,
-   computed once (*paper*: GRPO's pi_old is the policy that sampled).
-8. Clip eps_low 0.2, eps_high 0.4 | 0.2; TIS cap 2; entropy bonus 0 | 0.001 (grpo.py choice 8) (*official*).
-9. Prompts longer than --max-prompt-tokens 512 | 1024 are dropped, never cut; completions up to 4,096 | 3,072 tokens
-   (data.response_tokens); MATH prompts in SimpleRL's qwen-boxed style (*official*).
-10. GSM8K reward `official`: the official scorer, whose exact string match measured the paper's 76% -> 91%
-    (*official*); strict, flexible and official are logged at every step and evaluation whatever --reward says.
-11. Data order: a permutation per epoch from --seed, the last partial batch dropped, the position a pure function of
-    the step (*ours*; the official scripts read the file in order every epoch).
-12. Evaluation is greedy (*paper*) on --eval-data, else the task's test set (GSM8K test, MATH500), before training,
-    every --eval-every steps and at the end, with v rounded to --v-dtype: what the saved file gives (*ours*).
-13. Data parallel under torchrun (*ours*, parallel.py): each rank takes 1/N of the prompts, counts and gradients are
-    summed, so the update is the same for any N; each sampling call re-seeds from (seed, step, its first prompt).
-14. A run ends by writing RUN/peft/, the same update as a standard PEFT LoRA (export.export_peft_lora) (*ours*).
-15. Memory is planned from the shapes before the weights load (memory.py): --micro-batch-tokens and
-    --grad-checkpointing `auto` take the plan's choice; a run that cannot fit stops, naming the flag (*ours*).
+6. --mini-batches 2 | 1 of whole groups (prompts k, k+K, ...), each used --mu 1 times (*official*).
+7. With more than one update a step, pi_old is the pre-update policy for all of them (*paper*: the sampling policy).
+8. Clip 0.2 / 0.4 | 0.2; TIS cap 2; entropy bonus 0 | 0.001 (grpo.py choice 8) (*official*).
+9. Prompts over --max-prompt-tokens 512 | 1024 dropped; completions to 4,096 | 3,072; MATH: qwen-boxed (*official*).
+10. GSM8K reward `official`, the scorer of the paper's 76% -> 91% (*official*); strict and flexible logged too.
+11. Data order: a permutation per epoch from --seed, last partial batch dropped, position = f(step) (*ours*).
+12. Greedy evaluation (*paper*) on --eval-data or the task's test set, with v rounded to --v-dtype (*ours*).
+13. torchrun (*ours*, parallel.py): 1/N of the prompts a rank, counts and gradients summed; seeds per sampling call.
+14. A run ends by writing RUN/peft/, the same update as a standard PEFT LoRA (*ours*).
+15. Memory planned from shapes before the weights load (memory.py); `auto` settings take its choice (*ours*).
 """
 
 import argparse

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import grpo
+import memory
 
 # -----------------------------------------------------------------------------
 # advantages
@@ -240,7 +241,7 @@ def test_on_policy_shortcut_and_micro_batches_equal_explicit(make_checkpoint, ag
     adv = grpo.group_advantages(torch.tensor([1.0, 0, 1, 1, 0, 0]), 2)
     s_lp = plain_logprobs(model, prompts, tokens, mask).detach() + 0.3 * torch.randn(tokens.shape)  # a sampler off
     want, want_loss = explicit_grad(model, adapter, prompts, tokens, mask, adv, s_lp, agg, beta, norm=6)
-    lengths = grpo.row_lengths(prompts, mask)
+    lengths = memory.row_lengths(prompts, mask)
     mixed = mixed_budget(lengths)
     # micro-batches must not change the gradient: rows (6, 4, 1) or token budgets (one row each, mixed, everything)
     for mb, budget in ((6, 0), (4, 0), (1, 0), (0, 1), (0, mixed), (2, mixed), (0, 10**6)):
@@ -270,7 +271,7 @@ def mixed_budget(lengths):
     """A token budget under which micro_batches makes both one-row and several-row micro-batches, in an order
     that is not the rows' own (so a row that lost its advantage or log-probs on the way would show)."""
     for budget in range(1, 200):
-        mbs = grpo.micro_batches(lengths, budget)
+        mbs = memory.micro_batches(lengths, budget)
         if min(map(len, mbs)) == 1 and max(map(len, mbs)) > 1 and sum(mbs, []) != sorted(sum(mbs, [])):
             return budget
     raise AssertionError(f"no mixed budget for {lengths}: the toy rows are too alike")
@@ -293,7 +294,7 @@ def test_token_budget_keeps_each_rows_advantage_old_and_sampler_logp(make_checkp
     loss, st = grpo.policy_loss(lp, old, adv, mask, weight=w)
     want = torch.autograd.grad(loss, adapter.params)[0]
     assert int(st["clipped"].sum()) > 0  # the clip binds somewhere, so a misplaced row would change the count
-    budget = mixed_budget(grpo.row_lengths(prompts, mask))
+    budget = mixed_budget(memory.row_lengths(prompts, mask))
     m = grpo.grpo_backward(
         model, adapter, prompts, tokens, mask, adv, s_lp, pad_id=0, micro_batch=0, micro_batch_tokens=budget,
         old_logp=old,
@@ -307,12 +308,12 @@ def test_micro_batches_hand_worked():
     # (prompt, completion) tokens; totals 5, 9, 5, 2, 10 -> longest first: rows 4, 1, 0, 2, 3
     L = [(3, 2), (2, 7), (4, 1), (1, 1), (5, 5)]
     # budget 20: [4] (10; with row 1: 2 x (5 + 7) = 24 > 20) | [1, 0] (2 x (3 + 7) = 20) | [2, 3] (2 x (4 + 1) = 10)
-    assert grpo.micro_batches(L, 20) == [[4], [1, 0], [2, 3]]
-    assert grpo.micro_batches(L, 5) == [[4], [1], [0], [2], [3]]  # rows 4 and 1 exceed 5: each alone
-    assert grpo.micro_batches(L, 1000) == [[4, 1, 0, 2, 3]]
-    assert grpo.micro_batches(L, 1000, max_rows=2) == [[4, 1], [0, 2], [3]]
-    assert grpo.micro_batches(L, 0, max_rows=2) == [[0, 1], [2, 3], [4]]  # rows only: in order, as before
-    assert grpo.micro_batches([], 20) == []
+    assert memory.micro_batches(L, 20) == [[4], [1, 0], [2, 3]]
+    assert memory.micro_batches(L, 5) == [[4], [1], [0], [2], [3]]  # rows 4 and 1 exceed 5: each alone
+    assert memory.micro_batches(L, 1000) == [[4, 1, 0, 2, 3]]
+    assert memory.micro_batches(L, 1000, max_rows=2) == [[4, 1], [0, 2], [3]]
+    assert memory.micro_batches(L, 0, max_rows=2) == [[0, 1], [2, 3], [4]]  # rows only: in order, as before
+    assert memory.micro_batches([], 20) == []
     # every row exactly once, and no micro-batch of several rows pads past the budget
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
@@ -321,7 +322,7 @@ def test_micro_batches_hand_worked():
             for x in torch.randint(1, 400, (int(torch.randint(1, 40, (1,), generator=g)), 2), generator=g).tolist()
         ]
         budget = int(torch.randint(1, 4000, (1,), generator=g))
-        mbs = grpo.micro_batches(L, budget)
+        mbs = memory.micro_batches(L, budget)
         assert sorted(sum(mbs, [])) == list(range(len(L)))
         for mb in mbs:
             assert len(mb) == 1 or len(mb) * (max(L[i][0] for i in mb) + max(L[i][1] for i in mb)) <= budget

@@ -579,7 +579,7 @@ def test_memory_plan_before_the_weights_and_a_refusal_when_it_cannot_fit(tiny, t
     monkeypatch.setattr(memory, "free_memory", lambda device="cuda": 2**20)  # 1 MiB free: nothing fits
     with pytest.raises(SystemExit, match=r"memory: .*needs .* GiB .* but 0\.0 GiB are free") as e:
         run(base_args(tiny, tmp_path / "b"))
-    assert "--" in str(e.value).split("free")[-1] or "bigger device" in str(e.value)  # names what to change
+    assert "--" in str(e.value).split("free")[-1] or "more memory" in str(e.value)  # names what to change
 
 
 def test_memory_plan_is_printed_and_auto_settings_are_recorded(tiny, tmp_path, capsys):
