@@ -40,7 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
-OPTIONAL = {"mini-batches", "mu", "kl", "max-prompt-tokens"}  # choice 3: left out if this train.py lacks them
+# choice 3: left out if this train.py lacks them
+OPTIONAL = {"mini-batches", "mu", "kl", "max-prompt-tokens", "warmup", "entropy-coef"}
 EVAL_FIELDS = ("accuracy", "strict", "flexible", "official")  # each with _lo/_hi (Wilson 95%) in the eval lines
 
 # -----------------------------------------------------------------------------
@@ -53,7 +54,8 @@ ADD_FLAGS = {  # every setting the figure depends on, so that train.py's default
     "top-p": 1.0, "top-k": 0, "r": 2, "order": "tiled", "variant": "paper", "v-dtype": "fp32",
     "eps-low": 0.2, "eps-high": 0.2, "agg": "token-mean", "tis-cap": 2.0, "weight-decay": 0.0, "grad-clip": 1.0,
     "micro-batch": 16, "eval-every": 0, "eval-limit": 0, "eval-max-new-tokens": 32, "eval-batch-size": 96,
-    "save-every": 4, "mini-batches": 1, "mu": 1, "kl": 0.0, "max-prompt-tokens": 0,
+    "save-every": 4, "mini-batches": 1, "mu": 1, "kl": 0.0, "max-prompt-tokens": 0, "warmup": 0.0,
+    "entropy-coef": 0.0,
 }
 # fmt: on
 SMOLLM2_ADD = {
