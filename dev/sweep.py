@@ -21,8 +21,13 @@ Choices (*paper*: "Learning to Reason in 13 Parameters"; *ours*: made here):
 5. CPU time of a run: user + system time of its train.py process from os.wait4, summed over invocations in the
    run folder's cpu.jsonl (*ours*; getrusage(RUSAGE_CHILDREN) would mix runs that overlap under --jobs).
 6. Train reward is reported as the mean of the first k steps -> the mean of the last k, k = steps // 3 (*ours*).
+   Beside accuracy, each run reports what can confound it: `####` format (strict), answer length and the share cut
+   at the token limit, before and after (*ours*).
 7. A finished full fine-tuning run drops its state.pt (the weights and Adam's moments: GBs per run) unless
    --keep-state; its adapter.safetensors stays. Extending it to more steps then starts it again (*ours*).
+8. Base vs final on the same questions is a paired comparison: the questions that flipped wrong -> right (b) and
+   right -> wrong (c), and McNemar's exact two-sided p-value, P(|X - n/2| >= |b - n/2|) for X ~ Bin(b + c, 1/2)
+   (*ours*; it sees a change that two overlapping Wilson intervals hide, and says when a change is noise).
 """
 
 import argparse
@@ -68,7 +73,6 @@ SMOLLM2_ADD = {
         {"method": "tinylora", "u": 1, "tie": 1},  # 210
         {"method": "loraxs", "r": 2, "tie": 1},  # 840
         {"method": "lora", "r": 1},  # 305,280
-        {"method": "lora", "r": 2},  # 610,560
         {"method": "lora", "r": 4},  # 1,221,120
         {"method": "full"},  # 134,515,008
     ],
@@ -210,6 +214,26 @@ def eval_fields(r: dict | None, prefix: str) -> dict:
     return out | {f"{prefix}_n": None if r is None else r.get("n")}
 
 
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value for b flips one way and c the other (choice 8); 1.0 when nothing flipped."""
+    n, k = b + c, min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def flips(run_dir: str, steps: int) -> dict:
+    """Per-question base -> final from the run's eval files (choice 8): {'b': wrong->right, 'c': right->wrong, 'p'}."""
+    rows = [read_jsonl(os.path.join(run_dir, "eval", f"step{s:06d}.jsonl")) for s in (0, steps)]
+    if not rows[0] or not rows[1]:
+        return {"flip_b": None, "flip_c": None, "flip_p": None}
+    before = {r["id"]: r["correct"] for r in rows[0]}
+    if set(before) != {r["id"] for r in rows[1]}:
+        raise ValueError(f"{run_dir}: the evaluations at step 0 and {steps} are not on the same questions")
+    b = sum(r["correct"] and not before[r["id"]] for r in rows[1])
+    c = sum(before[r["id"]] and not r["correct"] for r in rows[1])
+    return {"flip_b": b, "flip_c": c, "flip_p": mcnemar_p(b, c)}
+
+
 def result_row(pt: dict, run_dir: str, steps: int) -> dict:
     """One run as a flat record: its point, size (from its own log), base and final evals, reward, CPU time."""
     recs = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
@@ -225,6 +249,9 @@ def result_row(pt: dict, run_dir: str, steps: int) -> dict:
     row |= {"lr": pt["lr"], "seed": pt["seed"], "steps": steps, "done": steps in evals}
     row |= {"last_step": max((r["step"] for r in steps_log), default=0)}
     row |= eval_fields(evals.get(0), "base") | eval_fields(evals.get(steps), "final")
+    for prefix, r in (("base", evals.get(0)), ("final", evals.get(steps))):  # choice 6: length and the cut share
+        row |= {f"{prefix}_{f}": (r or {}).get(f) for f in ("mean_tokens", "truncated")}
+    row |= flips(run_dir, steps) if steps in evals else {"flip_b": None, "flip_c": None, "flip_p": None}
     row |= {"reward_first": reward[0], "reward_last": reward[1], "loss_first": loss[0], "loss_last": loss[1]}
     row |= {"reward_k": k, "cpu_s": sum(c["cpu_s"] for c in cpu), "wall_s": sum(c["wall_s"] for c in cpu)}
     return row | {"invocations": len(cpu)}
@@ -268,6 +295,14 @@ def interval(r: dict, prefix: str, f: str = "accuracy") -> str:
     return "–" if x is None else f"{pct(x)} [{pct(r[f'{prefix}_{f}_lo'])}, {pct(r[f'{prefix}_{f}_hi'])}]"
 
 
+def num(x) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
+def flip_text(r: dict) -> str:
+    return "–" if r.get("flip_b") is None else f"+{r['flip_b']}/−{r['flip_c']} ({r['flip_p']:.2g})"
+
+
 def arrow(a, b) -> str:
     return "–" if a is None else f"{a:.3f} → {b:.3f}"
 
@@ -275,12 +310,18 @@ def arrow(a, b) -> str:
 def write_markdown(rows: list[dict], best: list[dict], path: str, title: str):
     lines = [f"# {title}", "", "Held-out accuracy in %, [Wilson 95% interval]; reward and loss: mean of the first k "
              "training steps → mean of the last k; CPU: user + system time of the run's train.py.", "",
-             "| run | params | bytes | algo | lr | seed | base acc | final acc | final strict | reward | loss "
-             "| CPU min | done |", "|" + "---|" * 13]  # fmt: skip
+             "Flips: held-out questions wrong → right (+) and right → wrong (−) from base to final, and McNemar's "
+             "exact p. Strict: answers in the `####` format. Tokens: mean answer length; cut: % stopped by the "
+             "token limit (base → final).", "",
+             "| run | params | bytes | algo | lr | seed | base acc | final acc | flips +/− (p) | strict | tokens "
+             "| cut | reward | loss | CPU min | done |", "|" + "---|" * 16]  # fmt: skip
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['params'] or '–'} | {r['bytes'] or '–'} | {r['algo']} | {r['lr']:g} | {r['seed']} "
-            f"| {interval(r, 'base')} | {interval(r, 'final')} | {pct(r.get('final_strict'))} "
+            f"| {interval(r, 'base')} | {interval(r, 'final')} | {flip_text(r)} "
+            f"| {pct(r.get('base_strict'))} → {pct(r.get('final_strict'))} "
+            f"| {num(r.get('base_mean_tokens'))} → {num(r.get('final_mean_tokens'))} "
+            f"| {pct(r.get('base_truncated'))} → {pct(r.get('final_truncated'))} "
             f"| {arrow(r['reward_first'], r['reward_last'])} | {arrow(r['loss_first'], r['loss_last'])} "
             f"| {r['cpu_s'] / 60:.1f} | {'yes' if r['done'] else 'step ' + str(r['last_step'])} |"
         )

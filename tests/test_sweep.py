@@ -75,7 +75,10 @@ def test_sweep_runs_each_point_and_writes_table_and_figure(swept):
         assert r["cpu_s"] > 0 and r["invocations"] == 1 and r["loss_first"] is not None
     assert rows[0]["reward_first"] is not None and rows[1]["reward_first"] is None  # SFT has no reward
     md = (out / "results.md").read_text()
-    assert all(r["name"] in md for r in rows) and "| base acc | final acc |" in md
+    assert all(r["name"] in md for r in rows) and "| base acc | final acc | flips +/− (p) |" in md
+    for r in rows:  # the paired counts agree with the two evaluations' accuracies on the same n questions
+        assert r["flip_b"] - r["flip_c"] == round((r["final_accuracy"] - r["base_accuracy"]) * r["final_n"])
+        assert 0 < r["flip_p"] <= 1 and r["final_mean_tokens"] <= 2 and 0 <= r["final_truncated"] <= 1
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -140,6 +143,30 @@ def test_best_lr_by_mean_over_seeds_with_min_max_spread():
     assert sweep.first_last([0.0, 1.0, float("nan"), 2.0, 4.0], 2) == (0.5, 3.0)  # NaN (an SFT step) skipped
 
 
+def test_mcnemar_exact_p_values():
+    # textbook values: with b + c = n flips, p = 2 * P(Bin(n, 1/2) <= min(b, c)), at most 1
+    assert sweep.mcnemar_p(0, 5) == 2 / 32 and sweep.mcnemar_p(5, 0) == 2 / 32
+    assert sweep.mcnemar_p(1, 9) == pytest.approx(2 * (1 + 10) / 1024)
+    assert sweep.mcnemar_p(3, 3) == 1.0 and sweep.mcnemar_p(0, 0) == 1.0
+    assert sweep.mcnemar_p(20, 40) == pytest.approx(0.0134893, abs=1e-7)  # scipy.stats.binomtest(20, 60).pvalue
+
+
+def test_flips_pair_the_same_questions(tmp_path):
+    def write(step, correct):
+        (tmp_path / "eval").mkdir(exist_ok=True)
+        with open(tmp_path / "eval" / f"step{step:06d}.jsonl", "w") as f:
+            for i, c in correct.items():
+                f.write(json.dumps({"id": i, "correct": c}) + "\n")
+
+    write(0, {"a": False, "b": False, "c": True, "d": True, "e": False})
+    write(3, {"e": True, "a": True, "b": False, "c": False, "d": True})  # another order: matched by id
+    assert sweep.flips(str(tmp_path), 3) == {"flip_b": 2, "flip_c": 1, "flip_p": 1.0}
+    write(3, {"a": True})
+    with pytest.raises(ValueError, match="not on the same questions"):
+        sweep.flips(str(tmp_path), 3)
+    assert sweep.flips(str(tmp_path), 7)["flip_p"] is None  # no evaluation at that step
+
+
 def test_make_data_is_the_additions_of_results_md(tmp_path):
     import data
 
@@ -158,7 +185,7 @@ def test_make_data_is_the_additions_of_results_md(tmp_path):
 def test_grid_names_and_commands_pass_every_setting():
     pts = sweep.points(sweep.GRIDS["smollm2-add"])
     names = [sweep.run_name(p) for p in pts]
-    assert len(names) == len(set(names)) == 8 * 2 * 2 * 2  # sizes x algos x lrs x seeds
+    assert len(names) == len(set(names)) == 7 * 2 * 2 * 2  # sizes x algos x lrs x seeds
     known = set(sweep.ADD_FLAGS) | {"model", "data", "eval-data", "method", "u", "tie", "r", "algo", "lr", "seed"}
     cmd = sweep.train_command(sweep.GRIDS["smollm2-add"], pts[0], "RUN", "DATA", known | {"out"})
     for k, v in sweep.ADD_FLAGS.items():
