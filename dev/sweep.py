@@ -21,8 +21,9 @@ Choices (*paper*: "Learning to Reason in 13 Parameters"; *ours*: made here):
 5. CPU time of a run: user + system time of its train.py process from os.wait4, summed over invocations in the
    run folder's cpu.jsonl (*ours*; getrusage(RUSAGE_CHILDREN) would mix runs that overlap under --jobs).
 6. Train reward is reported as the mean of the first k steps -> the mean of the last k, k = steps // 3 (*ours*).
-   Beside accuracy, each run reports what can confound it: `####` format (strict), answer length and the share cut
-   at the token limit, before and after (*ours*).
+   Beside accuracy, each run reports what can confound it: `####` format (strict), answer length, the share cut
+   at the token limit, and the share whose numbers include the sum anywhere (graded right or not), before and
+   after (*ours*).
 7. A finished full fine-tuning run drops its state.pt (the weights and Adam's moments: GBs per run) unless
    --keep-state; its adapter.safetensors stays. Extending it to more steps then starts it again (*ours*).
 8. Base vs final on the same questions is a paired comparison: the questions that flipped wrong -> right (b) and
@@ -44,6 +45,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from data import graders  # noqa: E402  (the numbers the flexible grader reads, for choice 6's "seen")
+
 TRAIN = os.path.join(ROOT, "train.py")
 # choice 3: left out if this train.py lacks them
 OPTIONAL = {"mini-batches", "mu", "kl", "max-prompt-tokens", "warmup", "entropy-coef"}
@@ -221,17 +225,27 @@ def mcnemar_p(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
+PAIRED = ("flip_b", "flip_c", "flip_p", "base_seen", "final_seen")  # what flips() adds to a run's row
+
+
 def flips(run_dir: str, steps: int) -> dict:
     """Per-question base -> final from the run's eval files (choice 8): {'b': wrong->right, 'c': right->wrong, 'p'}."""
     rows = [read_jsonl(os.path.join(run_dir, "eval", f"step{s:06d}.jsonl")) for s in (0, steps)]
     if not rows[0] or not rows[1]:
-        return {"flip_b": None, "flip_c": None, "flip_p": None}
+        return dict.fromkeys(PAIRED)
     before = {r["id"]: r["correct"] for r in rows[0]}
     if set(before) != {r["id"] for r in rows[1]}:
         raise ValueError(f"{run_dir}: the evaluations at step 0 and {steps} are not on the same questions")
     b = sum(r["correct"] and not before[r["id"]] for r in rows[1])
     c = sum(before[r["id"]] and not r["correct"] for r in rows[1])
-    return {"flip_b": b, "flip_c": c, "flip_p": mcnemar_p(b, c)}
+    seen = [sum(gold_seen(r) for r in rs) / len(rs) for rs in rows]  # choice 6: the sum written anywhere
+    return {"flip_b": b, "flip_c": c, "flip_p": mcnemar_p(b, c), "base_seen": seen[0], "final_seen": seen[1]}
+
+
+def gold_seen(r: dict) -> bool:
+    """The gold number is among the answer's numbers, wherever it stands: graded right or not (choice 6)."""
+    gold = graders.to_number(r.get("gold"))
+    return gold is not None and any(graders.to_number(m) == gold for m in graders.FLEXIBLE_RE.findall(r["response"]))
 
 
 def result_row(pt: dict, run_dir: str, steps: int) -> dict:
@@ -251,7 +265,7 @@ def result_row(pt: dict, run_dir: str, steps: int) -> dict:
     row |= eval_fields(evals.get(0), "base") | eval_fields(evals.get(steps), "final")
     for prefix, r in (("base", evals.get(0)), ("final", evals.get(steps))):  # choice 6: length and the cut share
         row |= {f"{prefix}_{f}": (r or {}).get(f) for f in ("mean_tokens", "truncated")}
-    row |= flips(run_dir, steps) if steps in evals else {"flip_b": None, "flip_c": None, "flip_p": None}
+    row |= flips(run_dir, steps) if steps in evals else dict.fromkeys(PAIRED)
     row |= {"reward_first": reward[0], "reward_last": reward[1], "loss_first": loss[0], "loss_last": loss[1]}
     row |= {"reward_k": k, "cpu_s": sum(c["cpu_s"] for c in cpu), "wall_s": sum(c["wall_s"] for c in cpu)}
     return row | {"invocations": len(cpu)}
@@ -312,9 +326,9 @@ def write_markdown(rows: list[dict], best: list[dict], path: str, title: str):
              "training steps → mean of the last k; CPU: user + system time of the run's train.py.", "",
              "Flips: held-out questions wrong → right (+) and right → wrong (−) from base to final, and McNemar's "
              "exact p. Strict: answers in the `####` format. Tokens: mean answer length; cut: % stopped by the "
-             "token limit (base → final).", "",
+             "token limit; seen: % whose numbers include the sum anywhere (base → final).", "",
              "| run | params | bytes | algo | lr | seed | base acc | final acc | flips +/− (p) | strict | tokens "
-             "| cut | reward | loss | CPU min | done |", "|" + "---|" * 16]  # fmt: skip
+             "| cut | seen | reward | loss | CPU min | done |", "|" + "---|" * 17]  # fmt: skip
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['params'] or '–'} | {r['bytes'] or '–'} | {r['algo']} | {r['lr']:g} | {r['seed']} "
@@ -322,6 +336,7 @@ def write_markdown(rows: list[dict], best: list[dict], path: str, title: str):
             f"| {pct(r.get('base_strict'))} → {pct(r.get('final_strict'))} "
             f"| {num(r.get('base_mean_tokens'))} → {num(r.get('final_mean_tokens'))} "
             f"| {pct(r.get('base_truncated'))} → {pct(r.get('final_truncated'))} "
+            f"| {pct(r.get('base_seen'))} → {pct(r.get('final_seen'))} "
             f"| {arrow(r['reward_first'], r['reward_last'])} | {arrow(r['loss_first'], r['loss_last'])} "
             f"| {r['cpu_s'] / 60:.1f} | {'yes' if r['done'] else 'step ' + str(r['last_step'])} |"
         )

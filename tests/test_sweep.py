@@ -79,6 +79,7 @@ def test_sweep_runs_each_point_and_writes_table_and_figure(swept):
     for r in rows:  # the paired counts agree with the two evaluations' accuracies on the same n questions
         assert r["flip_b"] - r["flip_c"] == round((r["final_accuracy"] - r["base_accuracy"]) * r["final_n"])
         assert 0 < r["flip_p"] <= 1 and r["final_mean_tokens"] <= 2 and 0 <= r["final_truncated"] <= 1
+        assert r["final_seen"] >= r["final_flexible"]  # a sum graded right is a sum written
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -156,15 +157,24 @@ def test_flips_pair_the_same_questions(tmp_path):
         (tmp_path / "eval").mkdir(exist_ok=True)
         with open(tmp_path / "eval" / f"step{step:06d}.jsonl", "w") as f:
             for i, c in correct.items():
-                f.write(json.dumps({"id": i, "correct": c}) + "\n")
+                f.write(json.dumps({"id": i, "correct": c, "gold": "12", "response": f"{i} 3 + 9 = 12, #### 1"}) + "\n")
 
     write(0, {"a": False, "b": False, "c": True, "d": True, "e": False})
     write(3, {"e": True, "a": True, "b": False, "c": False, "d": True})  # another order: matched by id
-    assert sweep.flips(str(tmp_path), 3) == {"flip_b": 2, "flip_c": 1, "flip_p": 1.0}
+    got = sweep.flips(str(tmp_path), 3)
+    assert got == {"flip_b": 2, "flip_c": 1, "flip_p": 1.0, "base_seen": 1.0, "final_seen": 1.0}
     write(3, {"a": True})
     with pytest.raises(ValueError, match="not on the same questions"):
         sweep.flips(str(tmp_path), 3)
     assert sweep.flips(str(tmp_path), 7)["flip_p"] is None  # no evaluation at that step
+
+
+def test_gold_seen_matches_whole_numbers_only():
+    assert sweep.gold_seen({"gold": "12", "response": "3 + 9 = 12. The answer is 1"})  # graded wrong, yet written
+    assert not sweep.gold_seen({"gold": "12", "response": "112 and 120 and 1.2"})
+    assert sweep.gold_seen({"gold": "1080", "response": "so 1,080 apples"})  # read as the flexible grader reads
+    assert not sweep.gold_seen({"gold": "7", "response": "no digits"})
+    assert not sweep.gold_seen({"gold": None, "response": "7"})
 
 
 def test_make_data_is_the_additions_of_results_md(tmp_path):
