@@ -228,16 +228,18 @@ def mcnemar_p(b: int, c: int) -> float:
 PAIRED = ("flip_b", "flip_c", "flip_p", "base_seen", "final_seen")  # what flips() adds to a run's row
 
 
-def flips(run_dir: str, steps: int) -> dict:
-    """Per-question base -> final from the run's eval files (choice 8): {'b': wrong->right, 'c': right->wrong, 'p'}."""
+def flips(run_dir: str, steps: int, reward: str | None = None) -> dict:
+    """Per-question base -> final from the run's eval files (choice 8), graded as its accuracy is (eval.summarize: the
+    run's --reward kind where the records carry it, else their `correct`): wrong -> right (b), right -> wrong (c), p."""
     rows = [read_jsonl(os.path.join(run_dir, "eval", f"step{s:06d}.jsonl")) for s in (0, steps)]
     if not rows[0] or not rows[1]:
         return dict.fromkeys(PAIRED)
-    before = {r["id"]: r["correct"] for r in rows[0]}
+    key = reward if reward and all(reward in r for rs in rows for r in rs) else "correct"
+    before = {r["id"]: r[key] for r in rows[0]}
     if set(before) != {r["id"] for r in rows[1]}:
         raise ValueError(f"{run_dir}: the evaluations at step 0 and {steps} are not on the same questions")
-    b = sum(r["correct"] and not before[r["id"]] for r in rows[1])
-    c = sum(before[r["id"]] and not r["correct"] for r in rows[1])
+    b = sum(r[key] and not before[r["id"]] for r in rows[1])
+    c = sum(before[r["id"]] and not r[key] for r in rows[1])
     seen = [sum(gold_seen(r) for r in rs) / len(rs) for rs in rows]  # choice 6: the sum written anywhere
     return {"flip_b": b, "flip_c": c, "flip_p": mcnemar_p(b, c), "base_seen": seen[0], "final_seen": seen[1]}
 
@@ -265,7 +267,8 @@ def result_row(pt: dict, run_dir: str, steps: int) -> dict:
     row |= eval_fields(evals.get(0), "base") | eval_fields(evals.get(steps), "final")
     for prefix, r in (("base", evals.get(0)), ("final", evals.get(steps))):  # choice 6: length and the cut share
         row |= {f"{prefix}_{f}": (r or {}).get(f) for f in ("mean_tokens", "truncated")}
-    row |= flips(run_dir, steps) if steps in evals else dict.fromkeys(PAIRED)
+    graded_by = start.get("args", {}).get("reward")  # the kind behind the run's accuracy
+    row |= flips(run_dir, steps, graded_by) if steps in evals else dict.fromkeys(PAIRED)
     row |= {"reward_first": reward[0], "reward_last": reward[1], "loss_first": loss[0], "loss_last": loss[1]}
     row |= {"reward_k": k, "cpu_s": sum(c["cpu_s"] for c in cpu), "wall_s": sum(c["wall_s"] for c in cpu)}
     return row | {"invocations": len(cpu)}

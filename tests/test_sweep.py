@@ -153,16 +153,22 @@ def test_mcnemar_exact_p_values():
 
 
 def test_flips_pair_the_same_questions(tmp_path):
-    def write(step, correct):
+    def write(step, correct, **kinds):  # kinds: e.g. flexible={"a": True, ...}, a grade beside `correct`
         (tmp_path / "eval").mkdir(exist_ok=True)
         with open(tmp_path / "eval" / f"step{step:06d}.jsonl", "w") as f:
             for i, c in correct.items():
-                f.write(json.dumps({"id": i, "correct": c, "gold": "12", "response": f"{i} 3 + 9 = 12, #### 1"}) + "\n")
+                r = {"id": i, "correct": c, "gold": "12", "response": f"{i} 3 + 9 = 12, #### 1"}
+                f.write(json.dumps(r | {k: v[i] for k, v in kinds.items()}) + "\n")
 
     write(0, {"a": False, "b": False, "c": True, "d": True, "e": False})
     write(3, {"e": True, "a": True, "b": False, "c": False, "d": True})  # another order: matched by id
     got = sweep.flips(str(tmp_path), 3)
     assert got == {"flip_b": 2, "flip_c": 1, "flip_p": 1.0, "base_seen": 1.0, "final_seen": 1.0}
+    # graded as the accuracy is: the run's reward kind where the records carry it, else their `correct`
+    write(0, {"a": False, "b": False}, flexible={"a": False, "b": True})
+    write(3, {"a": False, "b": False}, flexible={"a": True, "b": True})
+    assert sweep.flips(str(tmp_path), 3, "flexible")["flip_b"] == 1
+    assert sweep.flips(str(tmp_path), 3, "strict")["flip_b"] == 0  # the records have no strict: `correct`
     write(3, {"a": True})
     with pytest.raises(ValueError, match="not on the same questions"):
         sweep.flips(str(tmp_path), 3)
