@@ -57,15 +57,24 @@ SAMPLING = {  # choice 1; max_new_tokens None = training's response length (choi
 }
 
 
+def graded_kinds(rows: list[dict]) -> list[str]:
+    """The GSM8K grades every record carries (GSM8K rows carry every kind; other benchmarks none)."""
+    return [k for k in data.KINDS if rows and all(k in r for r in rows)]
+
+
+def accuracy_key(rows: list[dict], reward: str) -> str:
+    """The record field behind "accuracy": the --reward kind where the records carry it, else their `correct`."""
+    return reward if reward in graded_kinds(rows) else "correct"
+
+
 def summarize(rows: list[dict], reward: str = "strict") -> dict:
     """Accuracy (and GSM8K strict/flexible/official) with Wilson intervals from per-example records."""
     n = len(rows)
     out = {"n": n}
-    kinds = [k for k in data.KINDS if rows and all(k in r for r in rows)]  # GSM8K rows carry every kind
-    for kind in kinds:
+    for kind in graded_kinds(rows):
         k = sum(r[kind] for r in rows)
         out[kind], (out[f"{kind}_lo"], out[f"{kind}_hi"]) = k / max(n, 1), wilson(k, n)
-    key = reward if reward in kinds else "correct"
+    key = accuracy_key(rows, reward)
     k = sum(r[key] for r in rows)
     out["correct"] = k  # the count behind "accuracy", for pooling benchmarks (choice 3)
     out["accuracy"], (out["accuracy_lo"], out["accuracy_hi"]) = k / max(n, 1), wilson(k, n)

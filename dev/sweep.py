@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import eval as evaluation  # noqa: E402  (which grade a run's accuracy is, for choice 8's flips)
 from data import graders  # noqa: E402  (the numbers the flexible grader reads, for choice 6's "seen")
 
 TRAIN = os.path.join(ROOT, "train.py")
@@ -229,12 +230,12 @@ PAIRED = ("flip_b", "flip_c", "flip_p", "base_seen", "final_seen")  # what flips
 
 
 def flips(run_dir: str, steps: int, reward: str | None = None) -> dict:
-    """Per-question base -> final from the run's eval files (choice 8), graded as its accuracy is (eval.summarize: the
-    run's --reward kind where the records carry it, else their `correct`): wrong -> right (b), right -> wrong (c), p."""
+    """Per-question base -> final from the run's eval files (choice 8), graded as its accuracy is
+    (eval.accuracy_key): wrong -> right (b), right -> wrong (c), McNemar's p; and choice 6's "seen" shares."""
     rows = [read_jsonl(os.path.join(run_dir, "eval", f"step{s:06d}.jsonl")) for s in (0, steps)]
     if not rows[0] or not rows[1]:
         return dict.fromkeys(PAIRED)
-    key = reward if reward and all(reward in r for rs in rows for r in rs) else "correct"
+    key = evaluation.accuracy_key(rows[0] + rows[1], reward)
     before = {r["id"]: r[key] for r in rows[0]}
     if set(before) != {r["id"] for r in rows[1]}:
         raise ValueError(f"{run_dir}: the evaluations at step 0 and {steps} are not on the same questions")
@@ -267,8 +268,7 @@ def result_row(pt: dict, run_dir: str, steps: int) -> dict:
     row |= eval_fields(evals.get(0), "base") | eval_fields(evals.get(steps), "final")
     for prefix, r in (("base", evals.get(0)), ("final", evals.get(steps))):  # choice 6: length and the cut share
         row |= {f"{prefix}_{f}": (r or {}).get(f) for f in ("mean_tokens", "truncated")}
-    graded_by = start.get("args", {}).get("reward")  # the kind behind the run's accuracy
-    row |= flips(run_dir, steps, graded_by) if steps in evals else dict.fromkeys(PAIRED)
+    row |= flips(run_dir, steps, start.get("args", {}).get("reward"))  # the grade its accuracy was taken with
     row |= {"reward_first": reward[0], "reward_last": reward[1], "loss_first": loss[0], "loss_last": loss[1]}
     row |= {"reward_k": k, "cpu_s": sum(c["cpu_s"] for c in cpu), "wall_s": sum(c["wall_s"] for c in cpu)}
     return row | {"invocations": len(cpu)}
@@ -316,6 +316,10 @@ def num(x) -> str:
     return "–" if x is None else f"{x:.1f}"
 
 
+def before_after(r: dict, field: str, fmt=pct) -> str:
+    return f"{fmt(r.get(f'base_{field}'))} → {fmt(r.get(f'final_{field}'))}"
+
+
 def flip_text(r: dict) -> str:
     return "–" if r.get("flip_b") is None else f"+{r['flip_b']}/−{r['flip_c']} ({r['flip_p']:.2g})"
 
@@ -336,10 +340,8 @@ def write_markdown(rows: list[dict], best: list[dict], path: str, title: str):
         lines.append(
             f"| {r['name']} | {r['params'] or '–'} | {r['bytes'] or '–'} | {r['algo']} | {r['lr']:g} | {r['seed']} "
             f"| {interval(r, 'base')} | {interval(r, 'final')} | {flip_text(r)} "
-            f"| {pct(r.get('base_strict'))} → {pct(r.get('final_strict'))} "
-            f"| {num(r.get('base_mean_tokens'))} → {num(r.get('final_mean_tokens'))} "
-            f"| {pct(r.get('base_truncated'))} → {pct(r.get('final_truncated'))} "
-            f"| {pct(r.get('base_seen'))} → {pct(r.get('final_seen'))} "
+            f"| {before_after(r, 'strict')} | {before_after(r, 'mean_tokens', num)} "
+            f"| {before_after(r, 'truncated')} | {before_after(r, 'seen')} "
             f"| {arrow(r['reward_first'], r['reward_last'])} | {arrow(r['loss_first'], r['loss_last'])} "
             f"| {r['cpu_s'] / 60:.1f} | {'yes' if r['done'] else 'step ' + str(r['last_step'])} |"
         )
